@@ -1,0 +1,1 @@
+//! Honest-but-curious adversary: gradient-inversion attacks on intercepted updates, scoring, pictures.

@@ -1,0 +1,1 @@
+//! Federated client: join, pull tasks, train locally with MJP, upload; data partitioning.

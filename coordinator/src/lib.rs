@@ -1,0 +1,1 @@
+//! gRPC coordinator: membership, rounds, sampling, aggregation, checkpoints, run directory, interception tap.

@@ -1,0 +1,26 @@
+//! Small file-system helpers shared by every writer of results: nothing is ever half-written.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{MjpError, Result};
+
+/// Writes `bytes` to `path` via a temporary file in the same directory and a rename, so readers
+/// never see a partial file and a crash leaves the previous version intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| MjpError::io(dir, e))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| MjpError::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| MjpError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| MjpError::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| MjpError::io(path, e))
+}

@@ -1,0 +1,435 @@
+//! The one tensor (de)serialisation path: a model's parameters (or their gradients, or an update)
+//! as an ordered list of named f32 tensors. Checkpoints, the wire format, aggregation and the
+//! attacks all go through [`NamedTensors`].
+//!
+//! Names are the module paths (`blocks.0.attn.qkv.weight`), which are timm's ViT names. Linear
+//! weights are stored `[in, out]` (burn's layout); `timm` documents the mapping from PyTorch.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::error::{MjpError, Result};
+
+/// One named, shaped f32 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// Module path, e.g. `blocks.0.mlp.fc1.weight`.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+impl NamedTensor {
+    /// Number of values the shape implies.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A model-shaped set of named tensors, in the model's visiting order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NamedTensors {
+    tensors: Vec<NamedTensor>,
+}
+
+/// A tensor name and shape, without values: what peers agree on before exchanging data.
+pub type Manifest = Vec<(String, Vec<usize>)>;
+
+impl NamedTensors {
+    /// Wraps tensors as given (order is kept).
+    pub fn new(tensors: Vec<NamedTensor>) -> Self {
+        Self { tensors }
+    }
+
+    /// The parameters of `module`, by path.
+    pub fn from_module<M: Module>(module: &M) -> Self {
+        let mut collector = Collector::default();
+        module.visit(&mut collector);
+        Self {
+            tensors: collector
+                .params
+                .into_iter()
+                .map(|(name, _, shape, data)| NamedTensor { name, shape, data })
+                .collect(),
+        }
+    }
+
+    /// The gradients of `module`'s parameters; parameters without a gradient get zeros.
+    pub fn gradients_of<M: Module>(module: &M, grads: &GradientsParams) -> Self {
+        let mut collector = GradCollector {
+            path: Vec::new(),
+            grads,
+            out: Vec::new(),
+        };
+        module.visit(&mut collector);
+        Self {
+            tensors: collector.out,
+        }
+    }
+
+    /// Parameter ids of `module` by path (persisted in checkpoints so optimizer state resumes).
+    pub fn param_ids<M: Module>(module: &M) -> HashMap<String, u64> {
+        let mut collector = Collector::default();
+        module.visit(&mut collector);
+        collector
+            .params
+            .into_iter()
+            .map(|(name, id, _, _)| (name, id.val()))
+            .collect()
+    }
+
+    /// Loads these values into `module`, checking that every parameter is present with the right
+    /// shape and finite values. `ids` optionally restores parameter ids by path.
+    pub fn load_into<M: Module>(&self, module: M, ids: Option<&HashMap<String, u64>>) -> Result<M> {
+        self.check_finite()?;
+        let expected = NamedTensors::manifest_of(&module);
+        self.check_manifest(&expected)?;
+        let by_name: HashMap<&str, &NamedTensor> =
+            self.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let mut loader = Loader {
+            path: Vec::new(),
+            by_name,
+            ids,
+        };
+        Ok(module.map(&mut loader))
+    }
+
+    /// The names and shapes of `module`'s parameters.
+    pub fn manifest_of<M: Module>(module: &M) -> Manifest {
+        let mut collector = ShapeCollector::default();
+        module.visit(&mut collector);
+        collector.out
+    }
+
+    /// Names and shapes of these tensors.
+    pub fn manifest(&self) -> Manifest {
+        self.tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone()))
+            .collect()
+    }
+
+    /// Checks names and shapes against `expected` (same set, same shapes; order may differ).
+    pub fn check_manifest(&self, expected: &Manifest) -> Result<()> {
+        let mine: HashMap<&str, &NamedTensor> =
+            self.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        for (name, shape) in expected {
+            match mine.get(name.as_str()) {
+                None => {
+                    return Err(MjpError::Tensor {
+                        name: name.clone(),
+                        reason: "missing".into(),
+                    });
+                }
+                Some(t) if &t.shape != shape => {
+                    return Err(MjpError::Tensor {
+                        name: name.clone(),
+                        reason: format!("shape {:?}, expected {:?}", t.shape, shape),
+                    });
+                }
+                Some(t) if t.data.len() != t.numel() => {
+                    return Err(MjpError::Tensor {
+                        name: name.clone(),
+                        reason: format!("{} values for shape {:?}", t.data.len(), t.shape),
+                    });
+                }
+                _ => {}
+            }
+        }
+        if self.tensors.len() != expected.len() {
+            let known: std::collections::HashSet<&str> =
+                expected.iter().map(|(n, _)| n.as_str()).collect();
+            let extra = self
+                .tensors
+                .iter()
+                .find(|t| !known.contains(t.name.as_str()))
+                .map(|t| t.name.clone())
+                .unwrap_or_else(|| "<duplicate>".into());
+            return Err(MjpError::Tensor {
+                name: extra,
+                reason: "not a parameter of this model".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Errors on the first NaN or infinity.
+    pub fn check_finite(&self) -> Result<()> {
+        for t in &self.tensors {
+            if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                return Err(MjpError::Tensor {
+                    name: t.name.clone(),
+                    reason: format!("non-finite value {} at index {i}", t.data[i]),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors, in order.
+    pub fn tensors(&self) -> &[NamedTensor] {
+        &self.tensors
+    }
+
+    /// Mutable access to the tensors.
+    pub fn tensors_mut(&mut self) -> &mut [NamedTensor] {
+        &mut self.tensors
+    }
+
+    /// Consumes into the tensors.
+    pub fn into_tensors(self) -> Vec<NamedTensor> {
+        self.tensors
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&NamedTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Total number of values.
+    pub fn numel(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+
+    /// `self - other`, tensor by tensor (same manifest required).
+    pub fn sub(&self, other: &NamedTensors) -> Result<NamedTensors> {
+        self.zip_with(other, |a, b| a - b)
+    }
+
+    /// `self + other`, tensor by tensor.
+    pub fn add(&self, other: &NamedTensors) -> Result<NamedTensors> {
+        self.zip_with(other, |a, b| a + b)
+    }
+
+    /// Multiplies every value by `k`.
+    pub fn scale(&mut self, k: f32) {
+        for t in &mut self.tensors {
+            t.data.iter_mut().for_each(|v| *v *= k);
+        }
+    }
+
+    /// L2 norm over all values.
+    pub fn l2_norm(&self) -> f64 {
+        self.tensors
+            .iter()
+            .flat_map(|t| &t.data)
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    fn zip_with(&self, other: &NamedTensors, f: impl Fn(f32, f32) -> f32) -> Result<NamedTensors> {
+        other.check_manifest(&self.manifest())?;
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|a| {
+                let b = other.get(&a.name).expect("manifest checked");
+                NamedTensor {
+                    name: a.name.clone(),
+                    shape: a.shape.clone(),
+                    data: a.data.iter().zip(&b.data).map(|(x, y)| f(*x, *y)).collect(),
+                }
+            })
+            .collect();
+        Ok(NamedTensors { tensors })
+    }
+
+    /// Serialises to safetensors bytes (f32, little-endian) with string metadata.
+    pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+        let bytes: Vec<(&str, Vec<u8>)> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    bytemuck::cast_slice::<f32, u8>(&t.data).to_vec(),
+                )
+            })
+            .collect();
+        let views = self
+            .tensors
+            .iter()
+            .zip(&bytes)
+            .map(|(t, (name, b))| {
+                TensorView::new(Dtype::F32, t.shape.clone(), b).map(|v| (*name, v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| MjpError::Tensor {
+                name: "<safetensors>".into(),
+                reason: e.to_string(),
+            })?;
+        safetensors::serialize(views, Some(metadata)).map_err(|e| MjpError::Tensor {
+            name: "<safetensors>".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Parses safetensors bytes (f32, f16 and bf16 are read as f32), keeping file order.
+    pub fn from_safetensors(
+        bytes: &[u8],
+    ) -> std::result::Result<(Self, HashMap<String, String>), String> {
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+        let mut tensors = Vec::new();
+        for name in header.offset_keys() {
+            let view = st.tensor(&name).map_err(|e| e.to_string())?;
+            let data = match view.dtype() {
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => return Err(format!("tensor `{name}` has unsupported dtype {other:?}")),
+            };
+            tensors.push(NamedTensor {
+                name,
+                shape: view.shape().to_vec(),
+                data,
+            });
+        }
+        Ok((Self { tensors }, metadata))
+    }
+
+    /// Writes a safetensors file atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+        let bytes = self.to_safetensors(metadata)?;
+        crate::fsutil::write_atomic(path, &bytes)
+    }
+
+    /// Reads a safetensors file.
+    pub fn load(path: &Path) -> Result<(Self, HashMap<String, String>)> {
+        let bytes = std::fs::read(path).map_err(|e| MjpError::io(path, e))?;
+        Self::from_safetensors(&bytes).map_err(|reason| MjpError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+}
+
+/// A float tensor's values as f32 on the host.
+pub fn tensor_values<const D: usize>(tensor: &Tensor<D>) -> Vec<f32> {
+    tensor
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("float tensor converts to f32")
+}
+
+#[derive(Default)]
+struct Collector {
+    path: Vec<String>,
+    params: Vec<(String, ParamId, Vec<usize>, Vec<f32>)>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        self.params.push((
+            self.path.join("."),
+            param.id,
+            value.dims().to_vec(),
+            tensor_values(&value),
+        ));
+    }
+}
+
+#[derive(Default)]
+struct ShapeCollector {
+    path: Vec<String>,
+    out: Manifest,
+}
+
+impl ModuleVisitor for ShapeCollector {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out
+            .push((self.path.join("."), param.lazy_shape().to_vec()));
+    }
+}
+
+struct GradCollector<'a> {
+    path: Vec<String>,
+    grads: &'a GradientsParams,
+    out: Vec<NamedTensor>,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.lazy_shape().to_vec();
+        let data = match self.grads.get::<D>(param.id) {
+            Some(g) => tensor_values(&g),
+            None => vec![0.0; shape.iter().product()],
+        };
+        self.out.push(NamedTensor {
+            name: self.path.join("."),
+            shape,
+            data,
+        });
+    }
+}
+
+struct Loader<'a> {
+    path: Vec<String>,
+    by_name: HashMap<&'a str, &'a NamedTensor>,
+    ids: Option<&'a HashMap<String, u64>>,
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let Some(t) = self.by_name.get(name.as_str()) else {
+            return param;
+        };
+        let id = self
+            .ids
+            .and_then(|ids| ids.get(&name))
+            .map(|&id| ParamId::from(id))
+            .unwrap_or(param.id);
+        let device = param.lazy_device();
+        let tensor =
+            Tensor::<D>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &device);
+        param.transform_for_load(tensor, id)
+    }
+}

@@ -1,0 +1,408 @@
+//! One local training step (forward, CE + lambda * DAL, backward, optimiser) and the evaluation
+//! helpers: clean accuracy, accuracy "on the jigsaw" (ratio 0.9 + unk) and consistency (ratio
+//! 0.5: prediction agreement and CLS-feature distance, shuffled vs clean).
+
+use burn::optim::{
+    AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig, momentum::MomentumConfig,
+};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{JigsawConfig, LambdaSchedule, PeMode, VitConfig};
+use crate::data::{Augment, Dataset};
+use crate::jigsaw::JigsawPlan;
+use crate::model::{Vit, correct, cross_entropy, predictions};
+use crate::seed::Seed;
+
+/// Which local optimiser a trainer uses.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// AdamW (betas 0.9/0.999), the centralised default.
+    AdamW {
+        /// Decoupled weight decay.
+        weight_decay: f64,
+    },
+    /// SGD with optional momentum, the usual FedAvg client optimiser.
+    Sgd {
+        /// Momentum (0 disables).
+        momentum: f64,
+    },
+}
+
+impl Default for OptimizerKind {
+    fn default() -> Self {
+        Self::AdamW { weight_decay: 0.05 }
+    }
+}
+
+impl OptimizerKind {
+    /// A fresh optimiser.
+    pub fn build(&self) -> ModuleOptimizer {
+        match *self {
+            Self::AdamW { weight_decay } => AdamWConfig::new()
+                .with_weight_decay(weight_decay as f32)
+                .with_epsilon(1e-8)
+                .init(),
+            Self::Sgd { momentum } => {
+                let config = SgdConfig::new();
+                let config = if momentum > 0.0 {
+                    config.with_momentum(Some(MomentumConfig::new().with_momentum(momentum)))
+                } else {
+                    config
+                };
+                config.init()
+            }
+        }
+    }
+}
+
+/// The MJP objective's knobs for one step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ObjectiveConfig {
+    /// How the jigsaw is drawn.
+    pub jigsaw: JigsawConfig,
+    /// DAL weight schedule over training progress.
+    pub dal_lambda: LambdaSchedule,
+    /// Regress grid coordinates scaled to [0, 1] instead of raw (row, col).
+    pub dal_normalized_targets: bool,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        Self {
+            jigsaw: JigsawConfig::default(),
+            dal_lambda: LambdaSchedule::default(),
+            dal_normalized_targets: false,
+        }
+    }
+}
+
+/// A batch on a device.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    /// Pixels in [0, 1], `[B, C, H, W]`.
+    pub images: Tensor<4>,
+    /// Labels `[B]`.
+    pub labels: Tensor<1, Int>,
+    /// Labels on the host.
+    pub label_values: Vec<u32>,
+}
+
+impl Batch {
+    /// Builds a batch from host pixels (CHW per image) and labels.
+    pub fn new(pixels: Vec<f32>, labels: Vec<u32>, config: &VitConfig, device: &Device) -> Self {
+        let b = labels.len();
+        let s = config.image_size;
+        let images =
+            Tensor::<4>::from_data(TensorData::new(pixels, [b, config.channels, s, s]), device);
+        let label_tensor = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                labels.iter().map(|&l| i64::from(l)).collect::<Vec<_>>(),
+                [b],
+            ),
+            device,
+        );
+        Self {
+            images,
+            labels: label_tensor,
+            label_values: labels,
+        }
+    }
+
+    /// Batch size.
+    pub fn len(&self) -> usize {
+        self.label_values.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.label_values.is_empty()
+    }
+}
+
+/// The loss parts of one forward pass.
+#[derive(Clone, Debug)]
+pub struct Loss {
+    /// `ce + lambda * dal`.
+    pub total: Tensor<1>,
+    /// Cross-entropy.
+    pub ce: Tensor<1>,
+    /// Unweighted DAL loss, when the model has a DAL head.
+    pub dal: Option<Tensor<1>>,
+    /// Logits.
+    pub logits: Tensor<2>,
+}
+
+/// The training objective: cross-entropy on the (jigsawed) batch plus `lambda` times the DAL loss.
+/// Shared by local training and by the attacks, which must reproduce it exactly.
+pub fn objective(
+    model: &Vit,
+    images: Tensor<4>,
+    labels: Tensor<1, Int>,
+    plan: Option<&JigsawPlan>,
+    lambda: f64,
+    normalized_targets: bool,
+) -> Loss {
+    let out = model.forward(images, plan);
+    let ce = cross_entropy(out.logits.clone(), labels);
+    let dal = if lambda > 0.0 {
+        model.dal_loss(plan, normalized_targets)
+    } else {
+        None
+    };
+    let total = match &dal {
+        Some(d) => ce.clone() + d.clone().mul_scalar(lambda),
+        None => ce.clone(),
+    };
+    Loss {
+        total,
+        ce,
+        dal,
+        logits: out.logits,
+    }
+}
+
+/// The jigsaw plan a training step uses: drawn with the step's probability, `None` otherwise.
+pub fn draw_step_plan(
+    config: &VitConfig,
+    jigsaw: &JigsawConfig,
+    batch: usize,
+    rng: &mut impl Rng,
+) -> Option<JigsawPlan> {
+    let applies = match config.pe {
+        PeMode::Mjp | PeMode::NaiveShuffle => rng.random_bool(jigsaw.probability.clamp(0.0, 1.0)),
+        PeMode::Learned | PeMode::None => false,
+    };
+    if !applies || (config.pe == PeMode::Mjp && jigsaw.ratio <= 0.0) {
+        return None;
+    }
+    Some(JigsawPlan::draw(config, jigsaw, jigsaw.ratio, batch, rng))
+}
+
+/// Statistics of one training step.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Total loss.
+    pub loss: f64,
+    /// Cross-entropy part.
+    pub ce: f64,
+    /// DAL part (unweighted).
+    pub dal: f64,
+    /// Correct predictions in the batch.
+    pub correct: usize,
+    /// Batch size.
+    pub examples: usize,
+    /// Whether the step used the jigsaw.
+    pub jigsaw: bool,
+    /// Patches occluded by the plan (first sample).
+    pub occluded: usize,
+}
+
+/// The outcome of a forward/backward pass: statistics and gradients (no parameter change).
+pub struct Gradients {
+    /// Statistics.
+    pub stats: StepStats,
+    /// Parameter gradients.
+    pub grads: GradientsParams,
+    /// The plan used (what the model saw).
+    pub plan: Option<JigsawPlan>,
+}
+
+/// Forward and backward on one batch with an autodiff model.
+pub fn compute_gradients(
+    model: &Vit,
+    batch: &Batch,
+    plan: Option<JigsawPlan>,
+    lambda: f64,
+    normalized_targets: bool,
+) -> Gradients {
+    let loss = objective(
+        model,
+        batch.images.clone(),
+        batch.labels.clone(),
+        plan.as_ref(),
+        lambda,
+        normalized_targets,
+    );
+    let stats = StepStats {
+        loss: scalar(&loss.total),
+        ce: scalar(&loss.ce),
+        dal: loss.dal.as_ref().map_or(0.0, scalar),
+        correct: correct(&loss.logits, &batch.label_values),
+        examples: batch.len(),
+        jigsaw: plan.is_some(),
+        occluded: plan.as_ref().map_or(0, |p| p.sample(0).occluded_count()),
+    };
+    let grads = GradientsParams::from_grads(loss.total.backward(), model);
+    Gradients { stats, grads, plan }
+}
+
+/// The value of a one-element tensor.
+pub fn scalar(t: &Tensor<1>) -> f64 {
+    crate::params::tensor_values(t)
+        .first()
+        .copied()
+        .map_or(f64::NAN, f64::from)
+}
+
+/// A model with its optimiser: the local training loop of centralised runs and FL clients.
+pub struct Trainer {
+    /// The model on an autodiff device.
+    pub model: Vit,
+    /// Its optimiser.
+    pub optimizer: ModuleOptimizer,
+    /// Objective knobs.
+    pub objective: ObjectiveConfig,
+}
+
+impl Trainer {
+    /// Wraps a model (moved to autodiff) with a fresh optimiser.
+    pub fn new(model: Vit, optimizer: &OptimizerKind, objective: ObjectiveConfig) -> Self {
+        Self {
+            model,
+            optimizer: optimizer.build(),
+            objective,
+        }
+    }
+
+    /// One optimiser step on `batch`; `progress` in [0, 1] drives the DAL lambda schedule.
+    pub fn step(&mut self, batch: &Batch, lr: f64, progress: f64, rng: &mut impl Rng) -> StepStats {
+        let plan = draw_step_plan(
+            self.model.config(),
+            &self.objective.jigsaw,
+            batch.len(),
+            rng,
+        );
+        let lambda = self.objective.dal_lambda.at(progress);
+        let Gradients { stats, grads, .. } = compute_gradients(
+            &self.model,
+            batch,
+            plan,
+            lambda,
+            self.objective.dal_normalized_targets,
+        );
+        let model = self.model.clone();
+        self.model = self.optimizer.step(lr, model, grads);
+        stats
+    }
+}
+
+/// Cosine learning-rate schedule with linear warm-up.
+pub fn cosine_lr(base: f64, min: f64, warmup_steps: usize, total_steps: usize, step: usize) -> f64 {
+    if step < warmup_steps {
+        return base * (step + 1) as f64 / warmup_steps as f64;
+    }
+    let t = (step - warmup_steps) as f64 / (total_steps.saturating_sub(warmup_steps)).max(1) as f64;
+    min + 0.5 * (base - min) * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+}
+
+/// How to evaluate.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalOptions {
+    /// Batch size.
+    pub batch_size: usize,
+    /// Also measure accuracy on the jigsaw (ratio 0.9) and consistency (ratio 0.5).
+    pub jigsaw_metrics: bool,
+    /// Seed of the evaluation jigsaws (fixed, so rounds are comparable).
+    pub seed: Seed,
+    /// Evaluate at most this many test images (None = all).
+    pub limit: Option<usize>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            jigsaw_metrics: true,
+            seed: Seed(0),
+            limit: None,
+        }
+    }
+}
+
+/// Evaluation results.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Clean top-1 accuracy.
+    pub accuracy: f64,
+    /// Clean mean cross-entropy.
+    pub loss: f64,
+    /// Accuracy with 90% of patches shuffled (+ unk for MJP).
+    pub jigsaw_accuracy: Option<f64>,
+    /// Fraction of predictions unchanged under a 50% jigsaw.
+    pub consistency_agreement: Option<f64>,
+    /// Mean L2 distance between clean and 50%-jigsaw CLS features.
+    pub consistency_feature_l2: Option<f64>,
+    /// Images evaluated.
+    pub examples: usize,
+}
+
+/// Accuracy on the jigsaw uses this shuffle ratio (the paper's setting).
+pub const JIGSAW_EVAL_RATIO: f64 = 0.9;
+/// Consistency uses this shuffle ratio.
+pub const CONSISTENCY_RATIO: f64 = 0.5;
+
+/// Evaluates an inference-mode model (no autodiff) on `data`.
+pub fn evaluate(model: &Vit, data: &Dataset, options: &EvalOptions) -> EvalReport {
+    let config = model.config().clone();
+    let device = model.device();
+    let n = options.limit.map_or(data.len(), |l| l.min(data.len()));
+    let mut rng = options.seed.child("eval-jigsaw", 0).rng();
+    let eval_jigsaw = JigsawConfig {
+        per_sample: false,
+        ..JigsawConfig::default()
+    };
+    let (mut correct_clean, mut loss_sum) = (0usize, 0.0f64);
+    let (mut correct_jig, mut agree, mut feat_l2) = (0usize, 0usize, 0.0f64);
+    let mut start = 0;
+    while start < n {
+        let end = (start + options.batch_size.max(1)).min(n);
+        let indices: Vec<usize> = (start..end).collect();
+        let (pixels, labels) = data.batch(&indices, Augment::default(), &mut rng);
+        let batch = Batch::new(pixels, labels, &config, &device);
+        let clean = model.forward(batch.images.clone(), None);
+        correct_clean += correct(&clean.logits, &batch.label_values);
+        loss_sum += scalar(&cross_entropy(clean.logits.clone(), batch.labels.clone()))
+            * indices.len() as f64;
+        if options.jigsaw_metrics {
+            let plan = JigsawPlan::draw(
+                &config,
+                &eval_jigsaw,
+                JIGSAW_EVAL_RATIO,
+                indices.len(),
+                &mut rng,
+            );
+            let out = model.forward(batch.images.clone(), Some(&plan));
+            correct_jig += correct(&out.logits, &batch.label_values);
+            let plan = JigsawPlan::draw(
+                &config,
+                &eval_jigsaw,
+                CONSISTENCY_RATIO,
+                indices.len(),
+                &mut rng,
+            );
+            let out = model.forward(batch.images.clone(), Some(&plan));
+            let (p_clean, p_jig) = (predictions(&clean.logits), predictions(&out.logits));
+            agree += p_clean.iter().zip(&p_jig).filter(|(a, b)| a == b).count();
+            let dist = (clean.features - out.features)
+                .powi_scalar(2)
+                .sum_dim(1)
+                .sqrt()
+                .sum();
+            feat_l2 += scalar(&dist);
+        }
+        start = end;
+    }
+    let nf = n.max(1) as f64;
+    EvalReport {
+        accuracy: correct_clean as f64 / nf,
+        loss: loss_sum / nf,
+        jigsaw_accuracy: options.jigsaw_metrics.then(|| correct_jig as f64 / nf),
+        consistency_agreement: options.jigsaw_metrics.then(|| agree as f64 / nf),
+        consistency_feature_l2: options.jigsaw_metrics.then(|| feat_l2 / nf),
+        examples: n,
+    }
+}

@@ -1,0 +1,434 @@
+//! Conversions between wire types and domain types, in one place: tensors to and from chunk
+//! streams (with CRC-32 and bounds checks), manifests, round configs and update headers.
+
+use std::collections::BTreeMap;
+
+use mjp::fl::{ModelUpdate, RoundConfig as DomainRoundConfig, UpdateKind as DomainKind};
+use mjp::params::{Manifest, NamedTensor, NamedTensors};
+use tonic::{Code, Status};
+
+use crate::v1;
+
+/// What can be wrong with a tensor stream; each maps to one gRPC status code.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    /// A declared tensor does not match the model (name, shape, dtype, sizes).
+    #[error("{0}")]
+    Invalid(String),
+    /// A chunk or the whole update is over a limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Bytes lost or damaged: checksum mismatch, gap, truncated stream.
+    #[error("{0}")]
+    DataLoss(String),
+}
+
+impl From<WireError> for Status {
+    fn from(e: WireError) -> Status {
+        let code = match e {
+            WireError::Invalid(_) => Code::InvalidArgument,
+            WireError::TooLarge(_) => Code::ResourceExhausted,
+            WireError::DataLoss(_) => Code::DataLoss,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Bytes per element of a wire dtype.
+pub fn dtype_size(dtype: v1::Dtype) -> usize {
+    match dtype {
+        v1::Dtype::F32 => 4,
+        v1::Dtype::F16 | v1::Dtype::Bf16 => 2,
+    }
+}
+
+/// Our manifest as wire specs (f32).
+pub fn manifest_to_wire(manifest: &Manifest) -> v1::ModelManifest {
+    v1::ModelManifest {
+        tensors: manifest
+            .iter()
+            .map(|(name, shape)| v1::TensorSpec {
+                name: name.clone(),
+                shape: shape.iter().map(|&d| d as u64).collect(),
+                dtype: v1::Dtype::F32 as i32,
+            })
+            .collect(),
+    }
+}
+
+/// Checks declared specs against the model manifest: same names in the same order, same shapes,
+/// a known dtype. Returns the dtypes.
+pub fn check_specs(
+    specs: &[v1::TensorSpec],
+    manifest: &Manifest,
+) -> Result<Vec<v1::Dtype>, WireError> {
+    if specs.len() != manifest.len() {
+        return Err(WireError::Invalid(format!(
+            "update declares {} tensors, the model has {}",
+            specs.len(),
+            manifest.len()
+        )));
+    }
+    specs
+        .iter()
+        .zip(manifest)
+        .map(|(spec, (name, shape))| {
+            if &spec.name != name {
+                return Err(WireError::Invalid(format!(
+                    "tensor {name}: update declares `{}` in its place",
+                    spec.name
+                )));
+            }
+            let declared: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+            if &declared != shape {
+                return Err(WireError::Invalid(format!(
+                    "tensor {name}: shape {declared:?}, expected {shape:?}"
+                )));
+            }
+            v1::Dtype::try_from(spec.dtype).map_err(|_| {
+                WireError::Invalid(format!("tensor {name}: unknown dtype {}", spec.dtype))
+            })
+        })
+        .collect()
+}
+
+/// Cuts tensors into chunks of at most `max_chunk` bytes (f32 little-endian).
+pub fn chunk_tensors(tensors: &NamedTensors, max_chunk: usize) -> Vec<v1::TensorChunk> {
+    let per_chunk = (max_chunk / 4).max(1);
+    let mut out = Vec::new();
+    for (i, t) in tensors.tensors().iter().enumerate() {
+        if t.data.is_empty() {
+            continue;
+        }
+        for (k, values) in t.data.chunks(per_chunk).enumerate() {
+            let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            out.push(v1::TensorChunk {
+                tensor_index: i as u32,
+                offset: (k * per_chunk * 4) as u64,
+                crc32: crc32fast::hash(&data),
+                data,
+            });
+        }
+    }
+    out
+}
+
+/// Reassembles a chunk stream into tensors, checking order, bounds and checksums as bytes arrive
+/// (memory: one model's worth of f32).
+pub struct Assembler {
+    specs: Vec<(String, Vec<usize>, v1::Dtype)>,
+    values: Vec<Vec<f32>>,
+    /// Bytes received per tensor.
+    received: Vec<usize>,
+    max_chunk: usize,
+    current: usize,
+}
+
+impl Assembler {
+    /// An assembler for `specs` (already checked against the model).
+    pub fn new(specs: &[v1::TensorSpec], dtypes: &[v1::Dtype], max_chunk: usize) -> Self {
+        let specs: Vec<(String, Vec<usize>, v1::Dtype)> = specs
+            .iter()
+            .zip(dtypes)
+            .map(|(s, &d)| {
+                (
+                    s.name.clone(),
+                    s.shape.iter().map(|&x| x as usize).collect(),
+                    d,
+                )
+            })
+            .collect();
+        let values = specs
+            .iter()
+            .map(|(_, shape, _)| Vec::with_capacity(shape.iter().product()))
+            .collect();
+        Self {
+            received: vec![0; specs.len()],
+            specs,
+            values,
+            max_chunk,
+            current: 0,
+        }
+    }
+
+    /// Total bytes the declared tensors take.
+    pub fn expected_bytes(&self) -> usize {
+        self.specs
+            .iter()
+            .map(|(_, shape, d)| shape.iter().product::<usize>() * dtype_size(*d))
+            .sum()
+    }
+
+    /// Accepts the next chunk.
+    pub fn push(&mut self, chunk: &v1::TensorChunk) -> Result<(), WireError> {
+        if chunk.data.len() > self.max_chunk {
+            return Err(WireError::TooLarge(format!(
+                "chunk of {} bytes exceeds the {} byte limit",
+                chunk.data.len(),
+                self.max_chunk
+            )));
+        }
+        let index = chunk.tensor_index as usize;
+        let Some((name, shape, dtype)) = self.specs.get(index) else {
+            return Err(WireError::Invalid(format!(
+                "chunk for tensor index {index}, only {} declared",
+                self.specs.len()
+            )));
+        };
+        // Tensors arrive in order; an earlier one must be complete before the next starts.
+        while self.current < index {
+            if !self.complete(self.current) {
+                return Err(WireError::DataLoss(format!(
+                    "tensor {} incomplete ({} of {} bytes) when tensor {name} started",
+                    self.specs[self.current].0,
+                    self.received[self.current],
+                    self.tensor_bytes(self.current)
+                )));
+            }
+            self.current += 1;
+        }
+        if index < self.current {
+            return Err(WireError::Invalid(format!(
+                "chunk for tensor {name} arrived out of order"
+            )));
+        }
+        if chunk.offset as usize != self.received[index] {
+            return Err(WireError::DataLoss(format!(
+                "tensor {name}: chunk at byte {} but {} bytes received so far (gap or reorder)",
+                chunk.offset, self.received[index]
+            )));
+        }
+        let total = shape.iter().product::<usize>() * dtype_size(*dtype);
+        if self.received[index] + chunk.data.len() > total {
+            return Err(WireError::Invalid(format!(
+                "tensor {name}: {} bytes sent, shape {shape:?} holds {total}",
+                self.received[index] + chunk.data.len()
+            )));
+        }
+        if crc32fast::hash(&chunk.data) != chunk.crc32 {
+            return Err(WireError::DataLoss(format!(
+                "tensor {name}: checksum mismatch in chunk at byte {}",
+                chunk.offset
+            )));
+        }
+        let size = dtype_size(*dtype);
+        if chunk.data.len() % size != 0 {
+            return Err(WireError::Invalid(format!(
+                "tensor {name}: chunk is not a whole number of elements"
+            )));
+        }
+        let out = &mut self.values[index];
+        match dtype {
+            v1::Dtype::F32 => out.extend(
+                chunk
+                    .data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            v1::Dtype::F16 => out.extend(
+                chunk
+                    .data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+            v1::Dtype::Bf16 => out.extend(
+                chunk
+                    .data
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            ),
+        }
+        self.received[index] += chunk.data.len();
+        Ok(())
+    }
+
+    fn tensor_bytes(&self, i: usize) -> usize {
+        let (_, shape, d) = &self.specs[i];
+        shape.iter().product::<usize>() * dtype_size(*d)
+    }
+
+    fn complete(&self, i: usize) -> bool {
+        self.received[i] == self.tensor_bytes(i)
+    }
+
+    /// Ends the stream: every tensor must be complete.
+    pub fn finish(self) -> Result<NamedTensors, WireError> {
+        for i in 0..self.specs.len() {
+            if !self.complete(i) {
+                return Err(WireError::DataLoss(format!(
+                    "stream ended with tensor {} incomplete ({} of {} bytes)",
+                    self.specs[i].0,
+                    self.received[i],
+                    self.tensor_bytes(i)
+                )));
+            }
+        }
+        Ok(NamedTensors::new(
+            self.specs
+                .into_iter()
+                .zip(self.values)
+                .map(|((name, shape, _), data)| NamedTensor { name, shape, data })
+                .collect(),
+        ))
+    }
+}
+
+/// Domain update kind to wire.
+pub fn kind_to_wire(kind: DomainKind) -> v1::UpdateKind {
+    match kind {
+        DomainKind::FedSgd => v1::UpdateKind::FedsgdGradient,
+        DomainKind::FedAvg => v1::UpdateKind::FedavgDelta,
+    }
+}
+
+/// Wire update kind to domain (`None` when unspecified or unknown).
+pub fn kind_from_wire(kind: i32) -> Option<DomainKind> {
+    match v1::UpdateKind::try_from(kind).ok()? {
+        v1::UpdateKind::FedsgdGradient => Some(DomainKind::FedSgd),
+        v1::UpdateKind::FedavgDelta => Some(DomainKind::FedAvg),
+        v1::UpdateKind::Unspecified => None,
+    }
+}
+
+/// Domain round config to wire.
+pub fn round_config_to_wire(c: &DomainRoundConfig) -> v1::RoundConfig {
+    v1::RoundConfig {
+        update_kind: kind_to_wire(c.update_kind) as i32,
+        local_steps: c.local_steps,
+        local_epochs: c.local_epochs,
+        learning_rate: c.learning_rate,
+        batch_size: c.batch_size,
+        shuffle_ratio: c.shuffle_ratio,
+        jigsaw_probability: c.jigsaw_probability,
+        per_sample_jigsaw: c.per_sample_jigsaw,
+        dal_lambda: c.dal_lambda,
+        fedprox_mu: c.fedprox_mu,
+        seed: c.seed,
+        deadline_unix_ms: c.deadline_unix_ms,
+    }
+}
+
+/// Wire round config to domain.
+pub fn round_config_from_wire(c: &v1::RoundConfig) -> Result<DomainRoundConfig, WireError> {
+    Ok(DomainRoundConfig {
+        update_kind: kind_from_wire(c.update_kind)
+            .ok_or_else(|| WireError::Invalid("round config has no update kind".into()))?,
+        local_steps: c.local_steps,
+        local_epochs: c.local_epochs,
+        learning_rate: c.learning_rate,
+        batch_size: c.batch_size,
+        shuffle_ratio: c.shuffle_ratio,
+        jigsaw_probability: c.jigsaw_probability,
+        per_sample_jigsaw: c.per_sample_jigsaw,
+        dal_lambda: c.dal_lambda,
+        fedprox_mu: c.fedprox_mu,
+        seed: c.seed,
+        deadline_unix_ms: c.deadline_unix_ms,
+    })
+}
+
+/// The header a client sends before its update's chunks.
+pub fn update_header(update: &ModelUpdate, session_token: &str) -> v1::UpdateHeader {
+    let manifest = manifest_to_wire(&update.tensors.manifest());
+    v1::UpdateHeader {
+        session_token: session_token.to_string(),
+        round: update.round,
+        model_version: update.model_version,
+        kind: kind_to_wire(update.kind) as i32,
+        batch_size: update.batch_size,
+        num_examples: update.num_examples,
+        local_steps: update.local_steps,
+        metrics: update
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        total_bytes: (update.tensors.numel() * 4) as u64,
+        tensors: manifest.tensors,
+    }
+}
+
+/// The domain update described by a header, with its tensors.
+pub fn update_from_header(
+    h: &v1::UpdateHeader,
+    tensors: NamedTensors,
+) -> Result<ModelUpdate, WireError> {
+    Ok(ModelUpdate {
+        round: h.round,
+        model_version: h.model_version,
+        kind: kind_from_wire(h.kind)
+            .ok_or_else(|| WireError::Invalid("update kind not set".into()))?,
+        batch_size: h.batch_size,
+        num_examples: h.num_examples,
+        local_steps: h.local_steps,
+        metrics: h
+            .metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect::<BTreeMap<_, _>>(),
+        tensors,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NamedTensors {
+        NamedTensors::new(vec![
+            NamedTensor {
+                name: "a".into(),
+                shape: vec![3, 700],
+                data: (0..2100).map(|i| i as f32 * 0.5).collect(),
+            },
+            NamedTensor {
+                name: "b".into(),
+                shape: vec![5],
+                data: vec![1.0, -2.0, 3.5, 0.0, 9.0],
+            },
+        ])
+    }
+
+    #[test]
+    fn chunks_round_trip() {
+        let t = sample();
+        let specs = manifest_to_wire(&t.manifest()).tensors;
+        let dtypes = check_specs(&specs, &t.manifest()).unwrap();
+        let mut a = Assembler::new(&specs, &dtypes, 1024);
+        for c in chunk_tensors(&t, 1024) {
+            assert!(c.data.len() <= 1024);
+            a.push(&c).unwrap();
+        }
+        assert_eq!(a.finish().unwrap(), t);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let t = sample();
+        let specs = manifest_to_wire(&t.manifest()).tensors;
+        let dtypes = check_specs(&specs, &t.manifest()).unwrap();
+        let chunks = chunk_tensors(&t, 1024);
+        // corrupted byte
+        let mut a = Assembler::new(&specs, &dtypes, 1024);
+        let mut bad = chunks[0].clone();
+        bad.data[3] ^= 1;
+        assert!(matches!(a.push(&bad), Err(WireError::DataLoss(_))));
+        // oversized chunk
+        let mut a = Assembler::new(&specs, &dtypes, 512);
+        assert!(matches!(a.push(&chunks[0]), Err(WireError::TooLarge(_))));
+        // truncated stream
+        let mut a = Assembler::new(&specs, &dtypes, 1024);
+        a.push(&chunks[0]).unwrap();
+        assert!(matches!(a.finish(), Err(WireError::DataLoss(_))));
+        // gap
+        let mut a = Assembler::new(&specs, &dtypes, 1024);
+        assert!(matches!(a.push(&chunks[1]), Err(WireError::DataLoss(_))));
+        // wrong shape declared
+        let mut specs2 = specs.clone();
+        specs2[1].shape = vec![6];
+        assert!(matches!(
+            check_specs(&specs2, &t.manifest()),
+            Err(WireError::Invalid(_))
+        ));
+    }
+}
