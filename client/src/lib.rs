@@ -1,1 +1,6 @@
-//! Federated client: join, pull tasks, train locally with MJP, upload; data partitioning.
+//! Federated client: joins a coordinator, pulls tasks, downloads the global model (cached by
+//! version), trains locally with the round's MJP setting on its data partition, and streams its
+//! update back; reconnects with backoff when the coordinator restarts. Also the observer
+//! connection the adversary uses.
+
+pub mod partition;

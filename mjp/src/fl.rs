@@ -78,6 +78,8 @@ pub struct RoundConfig {
     pub seed: u64,
     /// Unix ms after which the round refuses updates.
     pub deadline_unix_ms: u64,
+    /// Local optimiser of FedAvg steps.
+    pub local_optimizer: OptimizerKind,
 }
 
 impl RoundConfig {
@@ -171,7 +173,6 @@ pub fn local_update(
     model_version: u64,
     client_id: &str,
     config: &RoundConfig,
-    optimizer: &OptimizerKind,
     device: &Device,
 ) -> crate::Result<LocalResult> {
     if data.is_empty() {
@@ -194,7 +195,7 @@ pub fn local_update(
     };
     let mut model = global.clone();
     let global_values = NamedTensors::from_module(global);
-    let mut optim = optimizer.build();
+    let mut optim = config.local_optimizer.build();
     let mut totals = StepStats::default();
     let mut audit = None;
     let mut gradient = None;

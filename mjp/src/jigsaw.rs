@@ -260,6 +260,15 @@ impl JigsawPlan {
         &self.plans
     }
 
+    /// The plan of samples `start..end` (a shared plan stays shared).
+    pub fn slice(&self, start: usize, end: usize) -> JigsawPlan {
+        if self.is_shared() {
+            self.clone()
+        } else {
+            Self::per_sample(self.plans[start..end].to_vec())
+        }
+    }
+
     /// Whether this plan changes nothing.
     pub fn is_identity(&self) -> bool {
         self.plans.iter().all(SamplePlan::is_identity)

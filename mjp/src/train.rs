@@ -2,6 +2,7 @@
 //! helpers: clean accuracy, accuracy "on the jigsaw" (ratio 0.9 + unk) and consistency (ratio
 //! 0.5: prediction agreement and CLS-feature distance, shuffled vs clean).
 
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{
     AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig, momentum::MomentumConfig,
 };
@@ -117,6 +118,15 @@ impl Batch {
         self.label_values.len()
     }
 
+    /// Samples `start..end` of this batch.
+    pub fn slice(&self, start: usize, end: usize) -> Batch {
+        Batch {
+            images: self.images.clone().narrow(0, start, end - start),
+            labels: self.labels.clone().narrow(0, start, end - start),
+            label_values: self.label_values[start..end].to_vec(),
+        }
+    }
+
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
         self.label_values.is_empty()
@@ -212,7 +222,103 @@ pub struct Gradients {
 }
 
 /// Forward and backward on one batch with an autodiff model.
+///
+/// burn's CPU backend runs one pass on about one core, so the batch is split into shards that run
+/// on separate threads (see [`gradient_threads`]); their gradients are combined with weights
+/// proportional to shard size, which gives exactly the full-batch gradient of the mean loss.
 pub fn compute_gradients(
+    model: &Vit,
+    batch: &Batch,
+    plan: Option<JigsawPlan>,
+    lambda: f64,
+    normalized_targets: bool,
+) -> Gradients {
+    compute_gradients_with_threads(
+        model,
+        batch,
+        plan,
+        lambda,
+        normalized_targets,
+        gradient_threads(),
+    )
+}
+
+/// [`compute_gradients`] with an explicit number of threads.
+pub fn compute_gradients_with_threads(
+    model: &Vit,
+    batch: &Batch,
+    plan: Option<JigsawPlan>,
+    lambda: f64,
+    normalized_targets: bool,
+    threads: usize,
+) -> Gradients {
+    let shards = threads.min(batch.len() / MIN_SHARD).max(1);
+    if shards == 1 {
+        return compute_gradients_single(model, batch, plan, lambda, normalized_targets);
+    }
+    let n = batch.len();
+    let bounds: Vec<(usize, usize)> = (0..shards)
+        .map(|k| (k * n / shards, (k + 1) * n / shards))
+        .collect();
+    let parts: Vec<Gradients> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&(start, end)| {
+                // A fork has its own autodiff graph; shards sharing parameter nodes would be
+                // merged into one mutex-protected graph and run one after another.
+                let model = model.clone().fork(&model.device());
+                let sub = batch.slice(start, end);
+                let sub_plan = plan.as_ref().map(|p| p.slice(start, end));
+                scope.spawn(move || {
+                    compute_gradients_single(&model, &sub, sub_plan, lambda, normalized_targets)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("gradient worker panicked"))
+            .collect()
+    });
+    let weights: Vec<f64> = bounds
+        .iter()
+        .map(|&(a, b)| (b - a) as f64 / n as f64)
+        .collect();
+    let mut stats = StepStats {
+        examples: n,
+        jigsaw: plan.is_some(),
+        occluded: plan.as_ref().map_or(0, |p| p.sample(0).occluded_count()),
+        ..StepStats::default()
+    };
+    for (p, w) in parts.iter().zip(&weights) {
+        stats.loss += w * p.stats.loss;
+        stats.ce += w * p.stats.ce;
+        stats.dal += w * p.stats.dal;
+        stats.correct += p.stats.correct;
+    }
+    let grads = combine_gradients(
+        model,
+        parts.into_iter().map(|p| p.grads).zip(weights).collect(),
+    );
+    Gradients { stats, grads, plan }
+}
+
+/// Smallest shard worth a thread of its own.
+const MIN_SHARD: usize = 8;
+
+/// Threads used for one gradient computation: `MJPFL_GRAD_THREADS`, else the available cores
+/// (at most 4).
+pub fn gradient_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("MJPFL_GRAD_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+            .max(1)
+    })
+}
+
+fn compute_gradients_single(
     model: &Vit,
     batch: &Batch,
     plan: Option<JigsawPlan>,
@@ -238,6 +344,37 @@ pub fn compute_gradients(
     };
     let grads = GradientsParams::from_grads(loss.total.backward(), model);
     Gradients { stats, grads, plan }
+}
+
+/// `sum_k w_k * grads_k`, parameter by parameter.
+fn combine_gradients(model: &Vit, parts: Vec<(GradientsParams, f64)>) -> GradientsParams {
+    struct Combine {
+        parts: Vec<(GradientsParams, f64)>,
+        out: GradientsParams,
+    }
+    impl ModuleVisitor for Combine {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let mut acc: Option<Tensor<D>> = None;
+            for (g, w) in &mut self.parts {
+                if let Some(t) = g.remove::<D>(param.id) {
+                    let t = t.mul_scalar(*w);
+                    acc = Some(match acc {
+                        Some(a) => a + t,
+                        None => t,
+                    });
+                }
+            }
+            if let Some(a) = acc {
+                self.out.register(param.id, a);
+            }
+        }
+    }
+    let mut c = Combine {
+        parts,
+        out: GradientsParams::new(),
+    };
+    model.visit(&mut c);
+    c.out
 }
 
 /// The value of a one-element tensor.

@@ -199,3 +199,23 @@ fn full_forward_gradient_matches_the_split_forward() {
     let b = values(model.forward_embedded(z, Some(&plan)).logits);
     assert_close(&a, &b, 1e-6, "logits");
 }
+
+#[test]
+fn sharded_gradients_equal_the_full_batch_gradient() {
+    use mjp::params::NamedTensors;
+    use mjp::train::compute_gradients_with_threads;
+    let device = device();
+    let config = VitConfig::preset("vit-micro-28").unwrap();
+    let model = Vit::new(&config, Seed(8), &device);
+    let batch = random_batch(&config, 24, 3, &device);
+    let plan = mjp_plan(&config, 0.25, 4);
+    let one = compute_gradients_with_threads(&model, &batch, Some(plan.clone()), 0.01, false, 1);
+    let three = compute_gradients_with_threads(&model, &batch, Some(plan), 0.01, false, 3);
+    assert!((one.stats.loss - three.stats.loss).abs() < 1e-5);
+    assert_eq!(one.stats.correct, three.stats.correct);
+    let a = NamedTensors::gradients_of(&model, &one.grads);
+    let b = NamedTensors::gradients_of(&model, &three.grads);
+    for (x, y) in a.tensors().iter().zip(b.tensors()) {
+        assert_close(&y.data, &x.data, 1e-4, &x.name);
+    }
+}

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use mjp::fl::{ModelUpdate, RoundConfig as DomainRoundConfig, UpdateKind as DomainKind};
 use mjp::params::{Manifest, NamedTensor, NamedTensors};
+use mjp::train::OptimizerKind;
 use tonic::{Code, Status};
 
 use crate::v1;
@@ -305,6 +306,18 @@ pub fn round_config_to_wire(c: &DomainRoundConfig) -> v1::RoundConfig {
         fedprox_mu: c.fedprox_mu,
         seed: c.seed,
         deadline_unix_ms: c.deadline_unix_ms,
+        local_optimizer: match c.local_optimizer {
+            OptimizerKind::Sgd { .. } => "sgd".into(),
+            OptimizerKind::AdamW { .. } => "adamw".into(),
+        },
+        local_momentum: match c.local_optimizer {
+            OptimizerKind::Sgd { momentum } => momentum,
+            OptimizerKind::AdamW { .. } => 0.0,
+        },
+        local_weight_decay: match c.local_optimizer {
+            OptimizerKind::AdamW { weight_decay } => weight_decay,
+            OptimizerKind::Sgd { .. } => 0.0,
+        },
     }
 }
 
@@ -324,6 +337,19 @@ pub fn round_config_from_wire(c: &v1::RoundConfig) -> Result<DomainRoundConfig, 
         fedprox_mu: c.fedprox_mu,
         seed: c.seed,
         deadline_unix_ms: c.deadline_unix_ms,
+        local_optimizer: match c.local_optimizer.as_str() {
+            "" | "sgd" => OptimizerKind::Sgd {
+                momentum: c.local_momentum,
+            },
+            "adamw" => OptimizerKind::AdamW {
+                weight_decay: c.local_weight_decay,
+            },
+            other => {
+                return Err(WireError::Invalid(format!(
+                    "unknown local optimizer `{other}` (sgd, adamw)"
+                )));
+            }
+        },
     })
 }
 

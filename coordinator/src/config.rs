@@ -1,0 +1,322 @@
+//! The coordinator's configuration: one TOML file (every key optional, defaults are the README's
+//! main job), overridable from the command line. The resolved configuration is written to the run
+//! directory as `config.toml`.
+
+use std::path::{Path, PathBuf};
+
+use mjp::data::DataSource;
+use mjp::fl::UpdateKind;
+use mjp::train::OptimizerKind;
+use mjp::{DalKind, PeMode, VitConfig};
+use mjpfl_client::partition::PartitionScheme;
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::{AggregatorKind, ServerOptimizer};
+use crate::error::{CoordinatorError, Result};
+use crate::schedule::ShuffleSchedule;
+
+/// Complete coordinator configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Membership, rounds, sampling, deadlines, secrets.
+    pub federation: FederationSection,
+    /// The model.
+    pub model: ModelSection,
+    /// Data for evaluation and for simulated clients.
+    pub data: DataSection,
+    /// Local training recipe and aggregation.
+    pub training: TrainingSection,
+    /// MJP shuffle-ratio schedule.
+    pub shuffle: ShuffleSchedule,
+    /// How simulated clients split the training set.
+    pub partition: PartitionScheme,
+    /// Network and resources.
+    pub server: ServerSection,
+}
+
+/// `[federation]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationSection {
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Clients that must have joined before round 1 starts.
+    pub min_clients: u32,
+    /// Clients sampled per round (upper bound when `sample_fraction` is set).
+    pub clients_per_round: u32,
+    /// If > 0, sample `ceil(fraction * connected)` clients instead.
+    pub sample_fraction: f64,
+    /// Updates needed to close a round; fewer at the deadline and the round is retried.
+    pub min_fit: u32,
+    /// Seconds a round stays open.
+    pub round_deadline_secs: f64,
+    /// Retries of a round that missed `min_fit` before the federation stops.
+    pub max_round_retries: u32,
+    /// Run seed.
+    pub seed: u64,
+    /// Shared secret clients present to join.
+    pub join_secret: String,
+    /// Token of the observer (adversary) endpoint.
+    pub observer_token: String,
+    /// A client that has not called for this long is not sampled.
+    pub client_timeout_secs: f64,
+}
+
+impl Default for FederationSection {
+    fn default() -> Self {
+        Self {
+            rounds: 20,
+            min_clients: 10,
+            clients_per_round: 10,
+            sample_fraction: 0.0,
+            min_fit: 8,
+            round_deadline_secs: 300.0,
+            max_round_retries: 3,
+            seed: 0,
+            join_secret: "mjpfl".into(),
+            observer_token: "observer".into(),
+            client_timeout_secs: 60.0,
+        }
+    }
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Architecture preset.
+    pub preset: String,
+    /// Position-embedding mode.
+    pub pe: PeMode,
+    /// DAL head.
+    pub dal: DalKind,
+    /// Optional initial weights (an mjpfl checkpoint).
+    pub init_checkpoint: Option<PathBuf>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "vit-micro-28".into(),
+            pe: PeMode::Mjp,
+            dal: DalKind::Nonlinear,
+            init_checkpoint: None,
+        }
+    }
+}
+
+impl ModelSection {
+    /// The architecture.
+    pub fn vit(&self) -> Result<VitConfig> {
+        let mut c = VitConfig::preset(&self.preset)?.with_pe(self.pe);
+        c.dal = self.dal;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// `[data]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// Dataset (simulated clients train on its training split, the coordinator evaluates on
+    /// its test split).
+    pub dataset: DataSource,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Evaluate on the first N test images (0 = all).
+    pub test_limit: usize,
+    /// Also report jigsaw accuracy and consistency every round.
+    pub eval_jigsaw_metrics: bool,
+    /// Skip evaluation (benchmarks).
+    pub skip_eval: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            dataset: DataSource::FashionMnist,
+            data_dir: PathBuf::from("data"),
+            test_limit: 0,
+            eval_jigsaw_metrics: true,
+            skip_eval: false,
+        }
+    }
+}
+
+/// `[training]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSection {
+    /// fedsgd (one step, gradient) or fedavg (several steps, weight delta).
+    pub update_kind: UpdateKind,
+    /// Local steps per round (FedAvg when `local_epochs` = 0).
+    pub local_steps: u32,
+    /// Local epochs per round (FedAvg; 0 = use local_steps).
+    pub local_epochs: u32,
+    /// Client learning rate.
+    pub learning_rate: f64,
+    /// Local batch size.
+    pub batch_size: u32,
+    /// Probability that a local step uses the jigsaw. 1.0 protects every gradient that leaves a
+    /// client; the reference's 0.5 is a centralised-training choice.
+    pub jigsaw_probability: f64,
+    /// One jigsaw per sample instead of per batch.
+    pub per_sample_jigsaw: bool,
+    /// DAL loss weight.
+    pub dal_lambda: f64,
+    /// FedProx proximal weight (0 disables).
+    pub fedprox_mu: f64,
+    /// Local optimiser of FedAvg steps.
+    pub local_optimizer: OptimizerKind,
+    /// How updates are combined.
+    pub aggregator: AggregatorKind,
+    /// Server optimiser (default: SGD lr 1 for FedAvg, Adam 1e-3 for FedSGD).
+    pub server_optimizer: Option<ServerOptimizer>,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            update_kind: UpdateKind::FedAvg,
+            local_steps: 10,
+            local_epochs: 0,
+            learning_rate: 2e-3,
+            batch_size: 64,
+            jigsaw_probability: 1.0,
+            per_sample_jigsaw: false,
+            dal_lambda: 0.01,
+            fedprox_mu: 0.0,
+            local_optimizer: OptimizerKind::AdamW { weight_decay: 0.0 },
+            aggregator: AggregatorKind::Mean,
+            server_optimizer: None,
+        }
+    }
+}
+
+impl TrainingSection {
+    /// The server optimiser in effect.
+    pub fn server_optimizer(&self) -> ServerOptimizer {
+        self.server_optimizer
+            .unwrap_or_else(|| ServerOptimizer::default_for(self.update_kind))
+    }
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: String,
+    /// Updates decoded at the same time (each holds one model's worth of memory).
+    pub max_concurrent_uploads: usize,
+    /// Intercepted updates queued per observer before new ones are dropped.
+    pub tap_queue: usize,
+    /// Largest tensor chunk accepted, bytes.
+    pub max_chunk_bytes: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            max_concurrent_uploads: 2,
+            tap_queue: 256,
+            max_chunk_bytes: mjpfl_proto::MAX_CHUNK_BYTES,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Reads a TOML file (unknown keys are errors, so typos do not pass silently).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| CoordinatorError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| CoordinatorError::ConfigFile {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(CoordinatorError::Config(m));
+        let f = &self.federation;
+        let t = &self.training;
+        self.model.vit()?;
+        self.shuffle.validate()?;
+        if f.rounds == 0 {
+            return bad("federation.rounds must be >= 1".into());
+        }
+        if f.min_clients == 0 || f.clients_per_round == 0 || f.min_fit == 0 {
+            return bad("min_clients, clients_per_round and min_fit must be >= 1".into());
+        }
+        if f.min_fit > f.clients_per_round {
+            return bad(format!(
+                "min_fit ({}) cannot exceed clients_per_round ({})",
+                f.min_fit, f.clients_per_round
+            ));
+        }
+        if !(0.0..=1.0).contains(&f.sample_fraction) {
+            return bad("sample_fraction must be in [0, 1]".into());
+        }
+        if !f.round_deadline_secs.is_finite() || f.round_deadline_secs <= 0.0 {
+            return bad("round_deadline_secs must be positive".into());
+        }
+        if t.batch_size == 0 || !(t.learning_rate > 0.0) {
+            return bad("training.batch_size and training.learning_rate must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&t.jigsaw_probability) {
+            return bad("training.jigsaw_probability must be in [0, 1]".into());
+        }
+        if t.update_kind == UpdateKind::FedAvg && t.local_steps == 0 && t.local_epochs == 0 {
+            return bad("fedavg needs local_steps or local_epochs >= 1".into());
+        }
+        if let AggregatorKind::TrimmedMean { fraction } = t.aggregator
+            && !(0.0..0.5).contains(&fraction)
+        {
+            return bad("trimmed-mean fraction must be in [0, 0.5)".into());
+        }
+        if self.server.max_chunk_bytes == 0
+            || self.server.max_chunk_bytes > mjpfl_proto::MAX_CHUNK_BYTES
+        {
+            return bad(format!(
+                "server.max_chunk_bytes must be in 1..={}",
+                mjpfl_proto::MAX_CHUNK_BYTES
+            ));
+        }
+        self.partition
+            .validate()
+            .map_err(|e| CoordinatorError::Config(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let c = CoordinatorConfig::default();
+        c.validate().unwrap();
+        let back: CoordinatorConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(toml::from_str::<CoordinatorConfig>("[federation]\nroundz = 3").is_err());
+        let c: CoordinatorConfig =
+            toml::from_str("[federation]\nmin_fit = 20\nclients_per_round = 5").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("min_fit"));
+        let c: CoordinatorConfig =
+            toml::from_str("[shuffle]\nkind = \"constant\"\nratio = 2.0").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

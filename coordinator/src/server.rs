@@ -1,0 +1,129 @@
+//! Serving a federation: bind, run the gRPC services and the round driver side by side, stop
+//! both cleanly on shutdown (an open round is abandoned, never half-applied).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use mjpfl_proto::v1::federation_server::FederationServer;
+use mjpfl_proto::v1::observer_server::ObserverServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::CoordinatorConfig;
+use crate::error::{CoordinatorError, Result};
+use crate::federation::Federation;
+use crate::service::{FederationService, ObserverService};
+
+/// A running coordinator.
+pub struct Coordinator {
+    /// The federation state (for in-process observers and status).
+    pub federation: Arc<Federation>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<()>>,
+    driver: JoinHandle<Result<()>>,
+}
+
+impl Coordinator {
+    /// Opens the run directory (resuming if it holds a run), binds and starts serving.
+    pub async fn start(config: CoordinatorConfig, run_dir: &Path) -> Result<Self> {
+        let listen = config.server.listen.clone();
+        let federation = tokio::task::spawn_blocking({
+            let run_dir = run_dir.to_path_buf();
+            move || Federation::open(config, &run_dir)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Config(format!("startup task failed: {e}")))??;
+        let listener = TcpListener::bind(&listen)
+            .await
+            .map_err(|e| CoordinatorError::Config(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| CoordinatorError::io(run_dir, e))?;
+        let (shutdown, rx) = watch::channel(false);
+        let limit = mjpfl_proto::MAX_MESSAGE_BYTES;
+        let fed_service = FederationServer::new(FederationService::new(federation.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let obs_service = ObserverServer::new(ObserverService::new(federation.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
+        let mut server_rx = rx.clone();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(fed_service)
+                .add_service(obs_service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = server_rx.wait_for(|s| *s).await;
+                    },
+                )
+                .await
+                .map_err(CoordinatorError::from)
+        });
+        let driver = tokio::spawn(federation.clone().drive(rx));
+        tracing::info!(
+            "coordinator listening on {addr}, run directory {}",
+            run_dir.display()
+        );
+        Ok(Self {
+            federation,
+            addr,
+            shutdown,
+            server,
+            driver,
+        })
+    }
+
+    /// Waits until all rounds are done (or the driver fails), then stops serving.
+    pub async fn run_to_completion(self) -> Result<()> {
+        let Self {
+            driver,
+            shutdown,
+            server,
+            ..
+        } = self;
+        let outcome = driver
+            .await
+            .map_err(|e| CoordinatorError::Config(format!("round driver panicked: {e}")))?;
+        // Give clients a moment to hear "finished" before the listener closes.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let _ = shutdown.send(true);
+        let _ = server.await;
+        outcome
+    }
+
+    /// Stops now: the open round (if any) is abandoned; committed rounds are on disk.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        let driver = self.driver.await;
+        let _ = self.server.await;
+        driver.map_err(|e| CoordinatorError::Config(format!("round driver panicked: {e}")))?
+    }
+
+    /// Runs until completion or until `signal` resolves (Ctrl-C, SIGTERM), whichever is first.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
+        let shutdown = self.shutdown.clone();
+        let finished = self.federation.clone();
+        let mut changes = finished.watch();
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("signal received: stopping (committed rounds are kept)");
+                self.shutdown().await
+            }
+            _ = async {
+                loop {
+                    if finished.status().phase == crate::federation::Phase::Finished { break; }
+                    if changes.changed().await.is_err() { break; }
+                }
+            } => {
+                let _ = &shutdown;
+                self.run_to_completion().await
+            }
+        }
+    }
+}

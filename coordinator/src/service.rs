@@ -1,0 +1,370 @@
+//! The gRPC edge: `Federation` and `Observer` services. Converts wire types to domain types (via
+//! `mjpfl_proto::convert`) and refusals to gRPC statuses, and does nothing else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mjp::fl::ObservedUpdate;
+use mjp::params::NamedTensors;
+use mjpfl_proto::convert::{self, Assembler};
+use mjpfl_proto::v1;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::federation::{Federation, Refusal, TaskDecision};
+
+/// How long GetTask holds a poll open when there is nothing to do.
+const LONG_POLL: Duration = Duration::from_secs(10);
+/// What a Wait tells the client.
+const RETRY_AFTER_MS: u32 = 250;
+
+impl From<Refusal> for Status {
+    fn from(r: Refusal) -> Status {
+        match r {
+            Refusal::Unauthenticated(m) => Status::unauthenticated(m),
+            Refusal::FailedPrecondition(m) => Status::failed_precondition(m),
+            Refusal::InvalidArgument(m) => Status::invalid_argument(m),
+            Refusal::AlreadyExists(m) => Status::already_exists(m),
+            Refusal::NotFound(m) => Status::not_found(m),
+            Refusal::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Refusal::DataLoss(m) => Status::data_loss(m),
+            Refusal::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The client-facing service.
+#[derive(Clone)]
+pub struct FederationService {
+    fed: Arc<Federation>,
+}
+
+impl FederationService {
+    /// Wraps the federation.
+    pub fn new(fed: Arc<Federation>) -> Self {
+        Self { fed }
+    }
+}
+
+/// Streams model `version` as chunks; the first message carries the manifest.
+fn model_stream(
+    version: u64,
+    params: Arc<NamedTensors>,
+    max_chunk: usize,
+) -> BoxStream<v1::ModelChunk> {
+    let manifest = convert::manifest_to_wire(&params.manifest());
+    let chunks = convert::chunk_tensors(&params, max_chunk);
+    let messages = chunks.into_iter().enumerate().map(move |(i, chunk)| {
+        Ok(v1::ModelChunk {
+            model_version: version,
+            manifest: (i == 0).then(|| manifest.clone()),
+            chunk: Some(chunk),
+        })
+    });
+    Box::pin(tokio_stream::iter(messages))
+}
+
+#[tonic::async_trait]
+impl v1::federation_server::Federation for FederationService {
+    async fn join(
+        &self,
+        request: Request<v1::JoinRequest>,
+    ) -> Result<Response<v1::JoinResponse>, Status> {
+        let req = request.into_inner();
+        let caps = req.capabilities.unwrap_or_default();
+        let joined = self.fed.join(
+            &req.client_name,
+            &req.join_secret,
+            caps.num_examples,
+            req.partition_hint,
+        )?;
+        let config = self.fed.config();
+        Ok(Response::new(v1::JoinResponse {
+            client_id: joined.client_id,
+            session_token: joined.token,
+            federation: Some(v1::FederationInfo {
+                federation_id: self.fed.id().to_string(),
+                model_config_json: serde_json::to_string(self.fed.vit())
+                    .expect("config serialises"),
+                dataset: config.data.dataset.to_string(),
+                total_rounds: config.federation.rounds,
+                seed: config.federation.seed,
+                partition_index: joined.partition,
+                num_partitions: config.partition.count(),
+                partition_json: serde_json::to_string(&config.partition)
+                    .expect("partition serialises"),
+                max_message_bytes: mjpfl_proto::MAX_MESSAGE_BYTES as u64,
+                max_chunk_bytes: config.server.max_chunk_bytes as u64,
+            }),
+            manifest: Some(convert::manifest_to_wire(self.fed.manifest())),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<v1::GetTaskRequest>,
+    ) -> Result<Response<v1::Task>, Status> {
+        let id = self.fed.authenticate(&request.get_ref().session_token)?;
+        let mut changes = self.fed.watch();
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let kind = loop {
+            match self.fed.task_for(&id) {
+                TaskDecision::Train {
+                    round,
+                    model_version,
+                    config,
+                } => {
+                    break v1::task::Kind::Train(v1::TrainTask {
+                        round,
+                        model_version,
+                        config: Some(convert::round_config_to_wire(&config)),
+                    });
+                }
+                TaskDecision::Finished { reason, rounds } => {
+                    break v1::task::Kind::Finished(v1::Finished {
+                        reason,
+                        rounds_completed: rounds,
+                    });
+                }
+                TaskDecision::Wait(reason) => {
+                    tokio::select! {
+                        _ = changes.changed() => continue,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            break v1::task::Kind::Wait(v1::Wait { retry_after_ms: RETRY_AFTER_MS, reason });
+                        }
+                    }
+                }
+            }
+        };
+        Ok(Response::new(v1::Task { kind: Some(kind) }))
+    }
+
+    type DownloadModelStream = BoxStream<v1::ModelChunk>;
+
+    async fn download_model(
+        &self,
+        request: Request<v1::DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let req = request.into_inner();
+        self.fed.authenticate(&req.session_token)?;
+        let params = self.fed.model(req.model_version)?;
+        Ok(Response::new(model_stream(
+            req.model_version,
+            params,
+            self.fed.config().server.max_chunk_bytes,
+        )))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<v1::UpdateMessage>>,
+    ) -> Result<Response<v1::SubmitUpdateResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(v1::UpdateMessage {
+                kind: Some(v1::update_message::Kind::Header(h)),
+            }) => h,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of SubmitUpdate must be the header",
+                ));
+            }
+            None => return Err(Status::invalid_argument("empty SubmitUpdate stream")),
+        };
+        let client = self.fed.authenticate(&header.session_token)?;
+        let kind = convert::kind_from_wire(header.kind);
+        let ticket = self
+            .fed
+            .admit(&client, header.round, header.model_version, kind)?;
+        let rejected = |e: Status| {
+            self.fed.note_rejection();
+            tracing::warn!(
+                "update from {client} for round {} refused: {}",
+                header.round,
+                e.message()
+            );
+            e
+        };
+        let dtypes = convert::check_specs(&header.tensors, self.fed.manifest())
+            .map_err(|e| rejected(e.into()))?;
+        let max_chunk = self.fed.config().server.max_chunk_bytes;
+        let mut assembler = Assembler::new(&header.tensors, &dtypes, max_chunk);
+        if header.total_bytes != assembler.expected_bytes() as u64 {
+            return Err(rejected(Status::invalid_argument(format!(
+                "header declares {} bytes, the declared tensors take {}",
+                header.total_bytes,
+                assembler.expected_bytes()
+            ))));
+        }
+        // One model's worth of memory per update being decoded: bound how many at once.
+        let _permit = self
+            .fed
+            .upload_permits()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("coordinator shutting down"))?;
+        loop {
+            match stream.message().await {
+                Ok(Some(v1::UpdateMessage {
+                    kind: Some(v1::update_message::Kind::Chunk(c)),
+                })) => assembler.push(&c).map_err(|e| rejected(e.into()))?,
+                Ok(Some(_)) => {
+                    return Err(rejected(Status::invalid_argument(
+                        "only chunks may follow the header",
+                    )));
+                }
+                Ok(None) => break,
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    return Err(rejected(Status::resource_exhausted(format!(
+                        "message over the size limit: {}",
+                        e.message()
+                    ))));
+                }
+                Err(e) => {
+                    return Err(rejected(Status::data_loss(format!(
+                        "update stream broke off: {}",
+                        e.message()
+                    ))));
+                }
+            }
+        }
+        let tensors = assembler.finish().map_err(|e| rejected(e.into()))?;
+        let update =
+            convert::update_from_header(&header, tensors).map_err(|e| rejected(e.into()))?;
+        let round = ticket.round;
+        let received = self.fed.accept(ticket, update).inspect_err(|e| {
+            tracing::warn!("update from {client} for round {round} refused: {e:?}");
+        })?;
+        Ok(Response::new(v1::SubmitUpdateResponse {
+            accepted: true,
+            round,
+            received,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let s = self.fed.status();
+        Ok(Response::new(v1::StatusResponse {
+            round: s.round,
+            model_version: s.model_version,
+            connected_clients: s.connected,
+            total_rounds: s.total_rounds,
+            phase: s.phase.name().to_string(),
+            history: s
+                .history
+                .iter()
+                .map(|r| v1::RoundSummary {
+                    round: r.round,
+                    updates: r.aggregated.len() as u32,
+                    test_accuracy: r.test.as_ref().map_or(f64::NAN, |t| t.accuracy),
+                    test_loss: r.test.as_ref().map_or(f64::NAN, |t| t.loss),
+                    shuffle_ratio: r.shuffle_ratio,
+                    wall_seconds: r.wall_seconds,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// The observer (adversary) service.
+#[derive(Clone)]
+pub struct ObserverService {
+    fed: Arc<Federation>,
+}
+
+impl ObserverService {
+    /// Wraps the federation.
+    pub fn new(fed: Arc<Federation>) -> Self {
+        Self { fed }
+    }
+
+    fn check(&self, token: &str) -> Result<(), Status> {
+        if token == self.fed.config().federation.observer_token {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("wrong observer token"))
+        }
+    }
+}
+
+/// The messages of one intercepted update: header, chunks (the bytes as received), end.
+pub fn intercepted_messages(u: &ObservedUpdate, max_chunk: usize) -> Vec<v1::InterceptedMessage> {
+    use v1::intercepted_message::Kind;
+    let header = v1::InterceptHeader {
+        sequence: u.sequence,
+        client_id: u.client_id.clone(),
+        round: u.update.round,
+        model_version: u.update.model_version,
+        kind: convert::kind_to_wire(u.update.kind) as i32,
+        batch_size: u.update.batch_size,
+        local_steps: u.update.local_steps,
+        num_examples: u.update.num_examples,
+        config: Some(convert::round_config_to_wire(&u.config)),
+        tensors: convert::manifest_to_wire(&u.update.tensors.manifest()).tensors,
+        dropped_before: u.dropped_before,
+        accepted: u.accepted,
+    };
+    std::iter::once(Kind::Header(header))
+        .chain(
+            convert::chunk_tensors(&u.update.tensors, max_chunk)
+                .into_iter()
+                .map(Kind::Chunk),
+        )
+        .chain(std::iter::once(Kind::End(v1::InterceptEnd {
+            sequence: u.sequence,
+        })))
+        .map(|k| v1::InterceptedMessage { kind: Some(k) })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl v1::observer_server::Observer for ObserverService {
+    type WatchStream = BoxStream<v1::InterceptedMessage>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.check(&request.get_ref().observer_token)?;
+        let sub = self.fed.tap().subscribe();
+        let max_chunk = self.fed.config().server.max_chunk_bytes;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut updates = sub.updates;
+        // Forwarder: when the observer reads slowly this awaits, the tap queue fills and the tap
+        // drops (and counts) instead of ever blocking the federation.
+        tokio::spawn(async move {
+            while let Some(u) = updates.recv().await {
+                for m in intercepted_messages(&u, max_chunk) {
+                    if tx.send(Ok(m)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    type DownloadModelStream = BoxStream<v1::ModelChunk>;
+
+    async fn download_model(
+        &self,
+        request: Request<v1::ObserverModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let req = request.into_inner();
+        self.check(&req.observer_token)?;
+        let params = self.fed.model(req.model_version)?;
+        Ok(Response::new(model_stream(
+            req.model_version,
+            params,
+            self.fed.config().server.max_chunk_bytes,
+        )))
+    }
+}
