@@ -4,8 +4,11 @@
 //! `coordinator`, `client`, `adversary`, `train` (centralised), `attack` (one update offline),
 //! `sweep`, `report`, `bench`.
 
+mod adversary;
 mod bench;
 mod common;
+mod federate;
+mod report;
 mod train;
 
 use anyhow::Result;
@@ -27,6 +30,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job: a coordinator, N clients (and the adversary) over loopback gRPC, with a report.
+    Simulate(federate::SimulateArgs),
+    /// Run a coordinator (clients connect over gRPC; see docs/protocol.md).
+    Coordinator(federate::CoordinatorArgs),
+    /// Run one training client against a coordinator.
+    Client(federate::ClientArgs),
+    /// Run the honest-but-curious adversary against a coordinator's observer endpoint.
+    Adversary(adversary::AdversaryArgs),
     /// Centralised training of an MJP-ViT with per-epoch clean/jigsaw accuracy and consistency.
     Train(train::TrainArgs),
     /// Benchmarks (train-step speed against a PyTorch reference measured in the same run).
@@ -38,6 +49,10 @@ fn main() {
     common::init_tracing();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
+        Command::Simulate(args) => federate::simulate(args),
+        Command::Coordinator(args) => federate::coordinator(args),
+        Command::Client(args) => federate::client(args),
+        Command::Adversary(args) => adversary::run(args),
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };

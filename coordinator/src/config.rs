@@ -68,9 +68,9 @@ impl Default for FederationSection {
         Self {
             rounds: 20,
             min_clients: 10,
-            clients_per_round: 10,
+            clients_per_round: 2,
             sample_fraction: 0.0,
-            min_fit: 8,
+            min_fit: 2,
             round_deadline_secs: 300.0,
             max_round_retries: 3,
             seed: 0,
@@ -129,6 +129,9 @@ pub struct DataSection {
     pub test_limit: usize,
     /// Also report jigsaw accuracy and consistency every round.
     pub eval_jigsaw_metrics: bool,
+    /// Measure the jigsaw metrics on the first N test images (0 = all); clean accuracy always
+    /// uses the whole test set (or `test_limit`).
+    pub eval_jigsaw_limit: usize,
     /// Skip evaluation (benchmarks).
     pub skip_eval: bool,
 }
@@ -140,6 +143,7 @@ impl Default for DataSection {
             data_dir: PathBuf::from("data"),
             test_limit: 0,
             eval_jigsaw_metrics: true,
+            eval_jigsaw_limit: 1000,
             skip_eval: false,
         }
     }
@@ -155,8 +159,11 @@ pub struct TrainingSection {
     pub local_steps: u32,
     /// Local epochs per round (FedAvg; 0 = use local_steps).
     pub local_epochs: u32,
-    /// Client learning rate.
+    /// Client learning rate (of round 1).
     pub learning_rate: f64,
+    /// Client learning rate over rounds: "constant", or "cosine" (decays to 10% by the last
+    /// round).
+    pub learning_rate_schedule: LrSchedule,
     /// Local batch size.
     pub batch_size: u32,
     /// Probability that a local step uses the jigsaw. 1.0 protects every gradient that leaves a
@@ -180,10 +187,11 @@ impl Default for TrainingSection {
     fn default() -> Self {
         Self {
             update_kind: UpdateKind::FedAvg,
-            local_steps: 10,
+            local_steps: 150,
             local_epochs: 0,
             learning_rate: 2e-3,
-            batch_size: 64,
+            learning_rate_schedule: LrSchedule::Cosine,
+            batch_size: 32,
             jigsaw_probability: 1.0,
             per_sample_jigsaw: false,
             dal_lambda: 0.01,
@@ -195,7 +203,36 @@ impl Default for TrainingSection {
     }
 }
 
+/// Client learning rate as a function of the round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// The same every round.
+    Constant,
+    /// Half-cosine from the base rate (round 1) to 10% of it (last round).
+    #[default]
+    Cosine,
+}
+
 impl TrainingSection {
+    /// The client learning rate of `round` out of `total`.
+    pub fn learning_rate_at(&self, round: u32, total: u32) -> f64 {
+        match self.learning_rate_schedule {
+            LrSchedule::Constant => self.learning_rate,
+            LrSchedule::Cosine => {
+                let t = if total <= 1 {
+                    0.0
+                } else {
+                    f64::from(round.saturating_sub(1)) / f64::from(total - 1)
+                };
+                let min = 0.1 * self.learning_rate;
+                min + 0.5
+                    * (self.learning_rate - min)
+                    * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+            }
+        }
+    }
+
     /// The server optimiser in effect.
     pub fn server_optimizer(&self) -> ServerOptimizer {
         self.server_optimizer

@@ -426,7 +426,7 @@ impl Federation {
                 UpdateKind::FedAvg => t.local_steps,
             },
             local_epochs: t.local_epochs,
-            learning_rate: t.learning_rate,
+            learning_rate: t.learning_rate_at(round, self.config.federation.rounds),
             batch_size: t.batch_size,
             shuffle_ratio: ratio,
             jigsaw_probability: t.jigsaw_probability,
@@ -572,7 +572,7 @@ impl Federation {
         })
     }
 
-    /// Counts a refused update against the open round.
+    /// Counts a refused update against the open round (if one is open).
     pub fn note_rejection(&self) {
         if let Some(r) = self.lock().round.as_mut() {
             r.rejected += 1;
@@ -873,6 +873,8 @@ impl Federation {
         let model = mjp::checkpoint::model_from_params(&self.vit, params, &device)?;
         let options = EvalOptions {
             jigsaw_metrics: self.config.data.eval_jigsaw_metrics,
+            jigsaw_limit: (self.config.data.eval_jigsaw_limit > 0)
+                .then_some(self.config.data.eval_jigsaw_limit),
             seed: Seed(self.config.federation.seed).child("eval", 0),
             ..EvalOptions::default()
         };

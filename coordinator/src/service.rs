@@ -47,6 +47,68 @@ impl FederationService {
     pub fn new(fed: Arc<Federation>) -> Self {
         Self { fed }
     }
+
+    /// Validates the header, then the chunks as they arrive, then the decoded values; only a
+    /// fully valid update reaches the aggregate.
+    async fn receive_update(
+        &self,
+        header: v1::UpdateHeader,
+        mut stream: Streaming<v1::UpdateMessage>,
+    ) -> Result<u32, Status> {
+        let client = self.fed.authenticate(&header.session_token)?;
+        let kind = convert::kind_from_wire(header.kind);
+        let ticket = self
+            .fed
+            .admit(&client, header.round, header.model_version, kind)?;
+        let dtypes = convert::check_specs(&header.tensors, self.fed.manifest())?;
+        let mut assembler = Assembler::new(
+            &header.tensors,
+            &dtypes,
+            self.fed.config().server.max_chunk_bytes,
+        );
+        if header.total_bytes != assembler.expected_bytes() as u64 {
+            return Err(Status::invalid_argument(format!(
+                "header declares {} bytes, the declared tensors take {}",
+                header.total_bytes,
+                assembler.expected_bytes()
+            )));
+        }
+        // One model's worth of memory per update being decoded: bound how many at once.
+        let _permit = self
+            .fed
+            .upload_permits()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("coordinator shutting down"))?;
+        loop {
+            match stream.message().await {
+                Ok(Some(v1::UpdateMessage {
+                    kind: Some(v1::update_message::Kind::Chunk(c)),
+                })) => assembler.push(&c)?,
+                Ok(Some(_)) => {
+                    return Err(Status::invalid_argument(
+                        "only chunks may follow the header",
+                    ));
+                }
+                Ok(None) => break,
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    return Err(Status::resource_exhausted(format!(
+                        "message over the size limit: {}",
+                        e.message()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Status::data_loss(format!(
+                        "update stream broke off: {}",
+                        e.message()
+                    )));
+                }
+            }
+        }
+        let tensors = assembler.finish()?;
+        let update = convert::update_from_header(&header, tensors)?;
+        Ok(self.fed.accept(ticket, update)?)
+    }
 }
 
 /// Streams model `version` as chunks; the first message carries the manifest.
@@ -54,14 +116,21 @@ fn model_stream(
     version: u64,
     params: Arc<NamedTensors>,
     max_chunk: usize,
+    vit: &mjp::VitConfig,
 ) -> BoxStream<v1::ModelChunk> {
     let manifest = convert::manifest_to_wire(&params.manifest());
+    let config = serde_json::to_string(vit).expect("config serialises");
     let chunks = convert::chunk_tensors(&params, max_chunk);
     let messages = chunks.into_iter().enumerate().map(move |(i, chunk)| {
         Ok(v1::ModelChunk {
             model_version: version,
             manifest: (i == 0).then(|| manifest.clone()),
             chunk: Some(chunk),
+            model_config_json: if i == 0 {
+                config.clone()
+            } else {
+                String::new()
+            },
         })
     });
     Box::pin(tokio_stream::iter(messages))
@@ -155,6 +224,7 @@ impl v1::federation_server::Federation for FederationService {
             req.model_version,
             params,
             self.fed.config().server.max_chunk_bytes,
+            self.fed.vit(),
         )))
     }
 
@@ -174,75 +244,24 @@ impl v1::federation_server::Federation for FederationService {
             }
             None => return Err(Status::invalid_argument("empty SubmitUpdate stream")),
         };
-        let client = self.fed.authenticate(&header.session_token)?;
-        let kind = convert::kind_from_wire(header.kind);
-        let ticket = self
-            .fed
-            .admit(&client, header.round, header.model_version, kind)?;
-        let rejected = |e: Status| {
-            self.fed.note_rejection();
-            tracing::warn!(
-                "update from {client} for round {} refused: {}",
-                header.round,
-                e.message()
-            );
-            e
-        };
-        let dtypes = convert::check_specs(&header.tensors, self.fed.manifest())
-            .map_err(|e| rejected(e.into()))?;
-        let max_chunk = self.fed.config().server.max_chunk_bytes;
-        let mut assembler = Assembler::new(&header.tensors, &dtypes, max_chunk);
-        if header.total_bytes != assembler.expected_bytes() as u64 {
-            return Err(rejected(Status::invalid_argument(format!(
-                "header declares {} bytes, the declared tensors take {}",
-                header.total_bytes,
-                assembler.expected_bytes()
-            ))));
-        }
-        // One model's worth of memory per update being decoded: bound how many at once.
-        let _permit = self
-            .fed
-            .upload_permits()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("coordinator shutting down"))?;
-        loop {
-            match stream.message().await {
-                Ok(Some(v1::UpdateMessage {
-                    kind: Some(v1::update_message::Kind::Chunk(c)),
-                })) => assembler.push(&c).map_err(|e| rejected(e.into()))?,
-                Ok(Some(_)) => {
-                    return Err(rejected(Status::invalid_argument(
-                        "only chunks may follow the header",
-                    )));
-                }
-                Ok(None) => break,
-                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
-                    return Err(rejected(Status::resource_exhausted(format!(
-                        "message over the size limit: {}",
-                        e.message()
-                    ))));
-                }
-                Err(e) => {
-                    return Err(rejected(Status::data_loss(format!(
-                        "update stream broke off: {}",
-                        e.message()
-                    ))));
-                }
+        let round = header.round;
+        match self.receive_update(header, stream).await {
+            Ok(received) => Ok(Response::new(v1::SubmitUpdateResponse {
+                accepted: true,
+                round,
+                received,
+            })),
+            Err(status) => {
+                // Every refusal is counted against the open round and logged with its reason.
+                self.fed.note_rejection();
+                tracing::warn!(
+                    "update for round {round} refused ({:?}): {}",
+                    status.code(),
+                    status.message()
+                );
+                Err(status)
             }
         }
-        let tensors = assembler.finish().map_err(|e| rejected(e.into()))?;
-        let update =
-            convert::update_from_header(&header, tensors).map_err(|e| rejected(e.into()))?;
-        let round = ticket.round;
-        let received = self.fed.accept(ticket, update).inspect_err(|e| {
-            tracing::warn!("update from {client} for round {round} refused: {e:?}");
-        })?;
-        Ok(Response::new(v1::SubmitUpdateResponse {
-            accepted: true,
-            round,
-            received,
-        }))
     }
 
     async fn status(
@@ -365,6 +384,7 @@ impl v1::observer_server::Observer for ObserverService {
             req.model_version,
             params,
             self.fed.config().server.max_chunk_bytes,
+            self.fed.vit(),
         )))
     }
 }

@@ -447,6 +447,8 @@ pub struct EvalOptions {
     pub seed: Seed,
     /// Evaluate at most this many test images (None = all).
     pub limit: Option<usize>,
+    /// Measure the jigsaw metrics on (about) the first N of them only (None = all).
+    pub jigsaw_limit: Option<usize>,
 }
 
 impl Default for EvalOptions {
@@ -456,6 +458,7 @@ impl Default for EvalOptions {
             jigsaw_metrics: true,
             seed: Seed(0),
             limit: None,
+            jigsaw_limit: None,
         }
     }
 }
@@ -475,6 +478,9 @@ pub struct EvalReport {
     pub consistency_feature_l2: Option<f64>,
     /// Images evaluated.
     pub examples: usize,
+    /// Images the jigsaw metrics were measured on.
+    #[serde(default)]
+    pub jigsaw_examples: usize,
 }
 
 /// Accuracy on the jigsaw uses this shuffle ratio (the paper's setting).
@@ -482,64 +488,120 @@ pub const JIGSAW_EVAL_RATIO: f64 = 0.9;
 /// Consistency uses this shuffle ratio.
 pub const CONSISTENCY_RATIO: f64 = 0.5;
 
-/// Evaluates an inference-mode model (no autodiff) on `data`.
+/// Partial sums of one evaluation batch.
+#[derive(Default)]
+struct EvalSums {
+    correct: usize,
+    loss: f64,
+    examples: usize,
+    jig_correct: usize,
+    agree: usize,
+    feature_l2: f64,
+    jig_examples: usize,
+}
+
+/// Evaluates an inference-mode model (no autodiff) on `data`. Batches run on several threads;
+/// each batch's jigsaws come from its own sub-seed, so results do not depend on the threading.
 pub fn evaluate(model: &Vit, data: &Dataset, options: &EvalOptions) -> EvalReport {
-    let config = model.config().clone();
-    let device = model.device();
     let n = options.limit.map_or(data.len(), |l| l.min(data.len()));
-    let mut rng = options.seed.child("eval-jigsaw", 0).rng();
+    let bs = options.batch_size.max(1);
+    let batches: Vec<(usize, usize)> = (0..n.div_ceil(bs))
+        .map(|b| (b * bs, ((b + 1) * bs).min(n)))
+        .collect();
+    let threads = gradient_threads().min(batches.len()).max(1);
+    let parts: Vec<EvalSums> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let batches = &batches;
+                scope.spawn(move || {
+                    let mut sums = EvalSums::default();
+                    for (b, &(start, end)) in batches.iter().enumerate().skip(t).step_by(threads) {
+                        eval_batch(model, data, options, b, start, end, &mut sums);
+                    }
+                    sums
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("evaluation worker panicked"))
+            .collect()
+    });
+    let mut total = EvalSums::default();
+    for p in parts {
+        total.correct += p.correct;
+        total.loss += p.loss;
+        total.examples += p.examples;
+        total.jig_correct += p.jig_correct;
+        total.agree += p.agree;
+        total.feature_l2 += p.feature_l2;
+        total.jig_examples += p.jig_examples;
+    }
+    let nf = total.examples.max(1) as f64;
+    let nj = total.jig_examples.max(1) as f64;
+    let jig = options.jigsaw_metrics && total.jig_examples > 0;
+    EvalReport {
+        accuracy: total.correct as f64 / nf,
+        loss: total.loss / nf,
+        jigsaw_accuracy: jig.then(|| total.jig_correct as f64 / nj),
+        consistency_agreement: jig.then(|| total.agree as f64 / nj),
+        consistency_feature_l2: jig.then(|| total.feature_l2 / nj),
+        examples: total.examples,
+        jigsaw_examples: total.jig_examples,
+    }
+}
+
+fn eval_batch(
+    model: &Vit,
+    data: &Dataset,
+    options: &EvalOptions,
+    b: usize,
+    start: usize,
+    end: usize,
+    sums: &mut EvalSums,
+) {
+    let config = model.config();
+    let device = model.device();
+    let mut rng = options.seed.child("eval-jigsaw", b as u64).rng();
+    let indices: Vec<usize> = (start..end).collect();
+    let (pixels, labels) = data.batch(&indices, Augment::default(), &mut rng);
+    let batch = Batch::new(pixels, labels, config, &device);
+    let clean = model.forward(batch.images.clone(), None);
+    sums.correct += correct(&clean.logits, &batch.label_values);
+    sums.loss +=
+        scalar(&cross_entropy(clean.logits.clone(), batch.labels.clone())) * indices.len() as f64;
+    sums.examples += indices.len();
+    if !options.jigsaw_metrics || start >= options.jigsaw_limit.unwrap_or(usize::MAX) {
+        return;
+    }
     let eval_jigsaw = JigsawConfig {
         per_sample: false,
         ..JigsawConfig::default()
     };
-    let (mut correct_clean, mut loss_sum) = (0usize, 0.0f64);
-    let (mut correct_jig, mut agree, mut feat_l2) = (0usize, 0usize, 0.0f64);
-    let mut start = 0;
-    while start < n {
-        let end = (start + options.batch_size.max(1)).min(n);
-        let indices: Vec<usize> = (start..end).collect();
-        let (pixels, labels) = data.batch(&indices, Augment::default(), &mut rng);
-        let batch = Batch::new(pixels, labels, &config, &device);
-        let clean = model.forward(batch.images.clone(), None);
-        correct_clean += correct(&clean.logits, &batch.label_values);
-        loss_sum += scalar(&cross_entropy(clean.logits.clone(), batch.labels.clone()))
-            * indices.len() as f64;
-        if options.jigsaw_metrics {
-            let plan = JigsawPlan::draw(
-                &config,
-                &eval_jigsaw,
-                JIGSAW_EVAL_RATIO,
-                indices.len(),
-                &mut rng,
-            );
-            let out = model.forward(batch.images.clone(), Some(&plan));
-            correct_jig += correct(&out.logits, &batch.label_values);
-            let plan = JigsawPlan::draw(
-                &config,
-                &eval_jigsaw,
-                CONSISTENCY_RATIO,
-                indices.len(),
-                &mut rng,
-            );
-            let out = model.forward(batch.images.clone(), Some(&plan));
-            let (p_clean, p_jig) = (predictions(&clean.logits), predictions(&out.logits));
-            agree += p_clean.iter().zip(&p_jig).filter(|(a, b)| a == b).count();
-            let dist = (clean.features - out.features)
-                .powi_scalar(2)
-                .sum_dim(1)
-                .sqrt()
-                .sum();
-            feat_l2 += scalar(&dist);
-        }
-        start = end;
-    }
-    let nf = n.max(1) as f64;
-    EvalReport {
-        accuracy: correct_clean as f64 / nf,
-        loss: loss_sum / nf,
-        jigsaw_accuracy: options.jigsaw_metrics.then(|| correct_jig as f64 / nf),
-        consistency_agreement: options.jigsaw_metrics.then(|| agree as f64 / nf),
-        consistency_feature_l2: options.jigsaw_metrics.then(|| feat_l2 / nf),
-        examples: n,
-    }
+    let plan = JigsawPlan::draw(
+        config,
+        &eval_jigsaw,
+        JIGSAW_EVAL_RATIO,
+        indices.len(),
+        &mut rng,
+    );
+    let out = model.forward(batch.images.clone(), Some(&plan));
+    sums.jig_correct += correct(&out.logits, &batch.label_values);
+    let plan = JigsawPlan::draw(
+        config,
+        &eval_jigsaw,
+        CONSISTENCY_RATIO,
+        indices.len(),
+        &mut rng,
+    );
+    let out = model.forward(batch.images.clone(), Some(&plan));
+    let (p_clean, p_jig) = (predictions(&clean.logits), predictions(&out.logits));
+    sums.agree += p_clean.iter().zip(&p_jig).filter(|(a, b)| a == b).count();
+    let dist = (clean.features - out.features)
+        .powi_scalar(2)
+        .sum_dim(1)
+        .sqrt()
+        .sum();
+    sums.feature_l2 += scalar(&dist);
+    sums.jig_examples += indices.len();
 }

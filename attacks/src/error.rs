@@ -1,0 +1,29 @@
+//! The attacks crate's error type.
+
+/// Errors of the adversary.
+#[derive(Debug, thiserror::Error)]
+pub enum AttackError {
+    /// The attack does not apply to this update (e.g. no position embedding).
+    #[error("not applicable: {0}")]
+    NotApplicable(String),
+    /// The update or model does not have the expected tensors.
+    #[error("missing tensor `{0}` in the update")]
+    MissingTensor(String),
+    /// Model, data or checkpoint failure.
+    #[error(transparent)]
+    Model(#[from] mjp::MjpError),
+    /// Numerical failure.
+    #[error("numerics: {0}")]
+    Numerics(String),
+    /// Writing results.
+    #[error("{path}: {reason}")]
+    Output {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Result alias.
+pub type Result<T, E = AttackError> = std::result::Result<T, E>;

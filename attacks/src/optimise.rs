@@ -1,0 +1,243 @@
+//! The optimisation loop of gradient-inversion attacks (Inverting Gradients, DLG, with an optional
+//! PE-gradient term): find inputs whose parameter gradient matches the intercepted one.
+//!
+//! burn has first-order autodiff only, and the loop needs `d/dx f(grad_theta L(x))`. By the chain
+//! rule that is `J^T v` with `v = df/dg` and `J = d grad_theta L / dx`, and
+//! `J^T v = grad_x <v, grad_theta L(x, theta)> = d/de grad_x L(x, theta + e v)` at e = 0, taken
+//! here by a central difference in parameter space (two extra backward passes), with
+//! `e = fd_scale / |v|` (DESIGN.md: relative error ~6e-5 at 0.001 in f32). A test checks it
+//! against finite differences in input space.
+
+use std::time::Instant;
+
+use mjp::jigsaw::{JigsawPlan, SamplePlan};
+use mjp::params::NamedTensors;
+use rand::Rng;
+
+use crate::case::AttackCase;
+use crate::error::Result;
+use crate::objective::{Matching, Objective, PE};
+use crate::regulariser::total_variation;
+use crate::victim::Victim;
+
+/// An optimisation attack's hyper-parameters.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct OptimisationConfig {
+    /// Matching objective.
+    pub objective: Objective,
+    /// Total-variation weight.
+    pub tv_weight: f64,
+    /// Iterations per restart.
+    pub iterations: usize,
+    /// Adam learning rate (decayed x0.1 at 3/8, 5/8 and 7/8 of the iterations).
+    pub lr: f64,
+    /// Use the sign of the input gradient (Inverting Gradients' signed Adam).
+    pub signed: bool,
+    /// Independent restarts; the best by final objective is kept.
+    pub restarts: usize,
+    /// Seed of the initialisations.
+    pub seed: u64,
+    /// MJP-aware: give the positions whose PE rows carry no gradient the unk PE in the
+    /// attacker's forward pass (reconstructs what the model saw).
+    pub adaptive: bool,
+    /// Finite-difference scale in parameter space (`e = fd_scale / |v|`).
+    pub fd_scale: f64,
+}
+
+impl Default for OptimisationConfig {
+    fn default() -> Self {
+        Self::inverting_gradients(true)
+    }
+}
+
+impl OptimisationConfig {
+    /// Inverting Gradients (cosine + TV, signed Adam), with or without the PE-gradient term.
+    pub fn inverting_gradients(pe_term: bool) -> Self {
+        Self {
+            objective: Objective {
+                matching: Matching::Cosine,
+                pe_weight: if pe_term { 1.0 } else { 0.0 },
+            },
+            tv_weight: 0.01,
+            iterations: 500,
+            lr: 0.1,
+            signed: true,
+            restarts: 1,
+            seed: 0,
+            adaptive: false,
+            fd_scale: 1e-3,
+        }
+    }
+
+    /// DLG (squared L2, plain Adam), with or without the PE-gradient term.
+    pub fn dlg(pe_term: bool) -> Self {
+        Self {
+            objective: Objective {
+                matching: Matching::L2,
+                pe_weight: if pe_term { 1.0 } else { 0.0 },
+            },
+            tv_weight: 0.0,
+            lr: 0.05,
+            signed: false,
+            ..Self::inverting_gradients(false)
+        }
+    }
+}
+
+/// What an optimisation attack produced.
+#[derive(Clone, Debug)]
+pub struct Optimised {
+    /// Best images (B x C x H x W, in [0, 1]).
+    pub images: Vec<f32>,
+    /// Their matching objective (without TV).
+    pub objective: f64,
+    /// Objective of each restart's best.
+    pub restart_objectives: Vec<f64>,
+    /// Iterations run in total.
+    pub iterations: usize,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// `J^T v = grad_x <v, grad_theta L(x)>` by a central difference in parameter space.
+pub fn jacobian_transpose_vector(
+    victim: &Victim,
+    images: &[f32],
+    labels: &[u32],
+    plan: Option<&JigsawPlan>,
+    v: &NamedTensors,
+    fd_scale: f64,
+) -> Result<Vec<f32>> {
+    let norm = v.l2_norm();
+    if norm == 0.0 {
+        return Ok(vec![0.0; images.len()]);
+    }
+    let e = fd_scale / norm;
+    let (_, plus) = victim.at(v, e as f32)?.input_gradient(images, labels, plan);
+    let (_, minus) = victim
+        .at(v, -e as f32)?
+        .input_gradient(images, labels, plan);
+    Ok(plus
+        .iter()
+        .zip(&minus)
+        .map(|(a, b)| ((f64::from(*a) - f64::from(*b)) / (2.0 * e)) as f32)
+        .collect())
+}
+
+/// The attacker's forward plan: none, or (adaptive) unk at positions whose PE rows are silent.
+pub fn attacker_plan(case: &AttackCase, adaptive: bool) -> Option<JigsawPlan> {
+    if !adaptive || !case.vit.pe.has_unk() {
+        return None;
+    }
+    let g = case.target_gradient();
+    let pe = g.get(PE)?;
+    let (n, d) = (case.vit.num_patches(), case.vit.dim);
+    let norms: Vec<f64> = (1..=n)
+        .map(|i| {
+            pe.data[i * d..(i + 1) * d]
+                .iter()
+                .map(|v| f64::from(*v).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let max = norms.iter().copied().fold(0.0, f64::max);
+    let occluded: Vec<bool> = norms.iter().map(|&x| x <= 1e-7 * max).collect();
+    occluded.iter().any(|&o| o).then(|| {
+        JigsawPlan::shared(SamplePlan {
+            sources: (0..n).collect(),
+            occluded,
+        })
+    })
+}
+
+/// Runs one optimisation attack with the given (recovered) labels.
+pub fn optimise(
+    case: &AttackCase,
+    labels: &[u32],
+    config: &OptimisationConfig,
+    mut progress: impl FnMut(usize, f64),
+) -> Result<Optimised> {
+    let started = Instant::now();
+    let vit = &case.vit;
+    let b = labels.len();
+    let (c, s) = (vit.channels, vit.image_size);
+    let per = c * s * s;
+    let victim = Victim::new(vit, &case.global, case.config.dal_lambda)?;
+    let target = case.target_gradient();
+    let plan = attacker_plan(case, config.adaptive);
+    let mut rng = mjp::Seed(config.seed).child("attack-init", 0).rng();
+    let mut best: Option<(f64, Vec<f32>)> = None;
+    let mut restart_objectives = Vec::new();
+    let iters = config.iterations.max(1);
+    let milestones = [iters * 3 / 8, iters * 5 / 8, iters * 7 / 8];
+    for _restart in 0..config.restarts.max(1) {
+        let mut x: Vec<f32> = (0..b * per)
+            .map(|_| (0.5 + 0.2 * gaussian(&mut rng)).clamp(0.0, 1.0) as f32)
+            .collect();
+        let (mut m, mut v2) = (vec![0f64; x.len()], vec![0f64; x.len()]);
+        let mut restart_best: Option<(f64, Vec<f32>)> = None;
+        for it in 0..iters {
+            let g = victim.parameter_gradient(&x, labels, plan.as_ref());
+            let (matching, dg) = config.objective.evaluate(&g, &target);
+            if restart_best.as_ref().is_none_or(|(f, _)| matching < *f) {
+                restart_best = Some((matching, x.clone()));
+            }
+            let mut grad = jacobian_transpose_vector(
+                &victim,
+                &x,
+                labels,
+                plan.as_ref(),
+                &dg,
+                config.fd_scale,
+            )?;
+            if config.tv_weight > 0.0 {
+                let (_, dtv) = total_variation(&x, c, s);
+                for (gx, t) in grad.iter_mut().zip(dtv) {
+                    *gx += (config.tv_weight as f32) * t;
+                }
+            }
+            let lr =
+                config.lr * 0.1f64.powi(milestones.iter().filter(|&&ms| it >= ms).count() as i32);
+            let t = (it + 1) as i32;
+            for k in 0..x.len() {
+                let gk = if config.signed {
+                    f64::from(grad[k].signum()) * f64::from(u8::from(grad[k] != 0.0))
+                } else {
+                    f64::from(grad[k])
+                };
+                m[k] = 0.9 * m[k] + 0.1 * gk;
+                v2[k] = 0.999 * v2[k] + 0.001 * gk * gk;
+                let mh = m[k] / (1.0 - 0.9f64.powi(t));
+                let vh = v2[k] / (1.0 - 0.999f64.powi(t));
+                x[k] = ((f64::from(x[k]) - lr * mh / (vh.sqrt() + 1e-8)).clamp(0.0, 1.0)) as f32;
+            }
+            progress(it, matching);
+        }
+        let g = victim.parameter_gradient(&x, labels, plan.as_ref());
+        let (last, _) = config.objective.evaluate(&g, &target);
+        if restart_best.as_ref().is_none_or(|(f, _)| last < *f) {
+            restart_best = Some((last, x));
+        }
+        let (f, xb) = restart_best.expect("at least one iteration");
+        restart_objectives.push(f);
+        if best.as_ref().is_none_or(|(bf, _)| f < *bf) {
+            best = Some((f, xb));
+        }
+    }
+    let (objective, images) = best.expect("at least one restart");
+    Ok(Optimised {
+        images,
+        objective,
+        restart_objectives,
+        iterations: iters * config.restarts.max(1),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn gaussian(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}

@@ -1,0 +1,278 @@
+//! `mjpfl adversary` and the adversary of `mjpfl simulate`: consume intercepted updates (over the
+//! Observer gRPC service, or the coordinator's in-process tap), fetch the exact global version
+//! each was computed from, and attack them on a worker thread so that the federation never
+//! waits for the attacker.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use mjp::VitConfig;
+use mjp::data::{DataSource, Split};
+use mjp::fl::ObservedUpdate;
+use mjp::params::NamedTensors;
+use mjpfl_attacks::adversary::{Adversary, AdversaryConfig, AttackSpec};
+use tokio::sync::watch;
+
+/// Which attacks the adversary runs, on which updates.
+#[derive(Args, Debug, Clone)]
+pub struct AttackArgs {
+    /// Attacks, comma-separated: april, april-mjp, ig, ig-pe, ig-pe-adaptive, dlg, dlg-pe,
+    /// mean-image.
+    #[arg(
+        long,
+        default_value = "april,april-mjp,mean-image",
+        value_delimiter = ','
+    )]
+    pub attacks: Vec<String>,
+    /// Iterations of optimisation attacks.
+    #[arg(long, default_value_t = 300)]
+    pub attack_iterations: usize,
+    /// Attack at most this many updates per round (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub attack_max_per_round: usize,
+    /// Attack only every n-th round.
+    #[arg(long, default_value_t = 1)]
+    pub attack_every: u32,
+    /// Save each attacked update as safetensors (for `mjpfl attack`).
+    #[arg(long)]
+    pub save_updates: bool,
+    /// Do not run the adversary.
+    #[arg(long)]
+    pub no_adversary: bool,
+}
+
+impl AttackArgs {
+    /// The adversary configuration for a run directory.
+    pub fn config(&self, run_dir: &Path, mean_image: Option<Vec<f32>>) -> Result<AdversaryConfig> {
+        let attacks = self
+            .attacks
+            .iter()
+            .filter(|a| !a.is_empty())
+            .map(|a| AttackSpec::by_name(a.trim(), self.attack_iterations))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AdversaryConfig {
+            attacks,
+            max_per_round: self.attack_max_per_round,
+            every_rounds: self.attack_every.max(1),
+            out_dir: run_dir.join("attacks"),
+            audit_dir: Some(run_dir.join("audit")),
+            mean_image,
+            save_updates: self.save_updates,
+        })
+    }
+}
+
+/// The per-pixel mean of a dataset's test split (public data: the attacker's free baseline).
+pub fn public_mean_image(data: &DataSource, data_dir: &Path, vit: &VitConfig) -> Option<Vec<f32>> {
+    let ds = data
+        .load(Split::Test, data_dir)
+        .ok()?
+        .conform(vit.channels, vit.image_size)
+        .ok()?;
+    Some(ds.mean_image())
+}
+
+/// Runs the adversary on a blocking thread; returns a sender for (update, global) pairs and the
+/// thread's handle (it ends when the sender is dropped).
+pub fn spawn_worker(
+    vit: VitConfig,
+    config: AdversaryConfig,
+) -> (
+    std::sync::mpsc::SyncSender<(Arc<ObservedUpdate>, Arc<NamedTensors>)>,
+    std::thread::JoinHandle<Result<usize>>,
+) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<ObservedUpdate>, Arc<NamedTensors>)>(4);
+    let handle = std::thread::spawn(move || -> Result<usize> {
+        let mut adversary = Adversary::new(vit, config);
+        let mut attacked = 0;
+        for (observed, global) in rx {
+            if !adversary.select(&observed) {
+                continue;
+            }
+            match adversary.attack(&observed, &global) {
+                Ok(record) => {
+                    attacked += 1;
+                    let summary: Vec<String> = record
+                        .attacks
+                        .iter()
+                        .map(|a| match &a.scores {
+                            Some(s) => format!("{} {:.1} dB", a.attack, s.mean_psnr),
+                            None => format!(
+                                "{} {}",
+                                a.attack,
+                                a.skipped.as_deref().map_or("unscored", |_| "skipped")
+                            ),
+                        })
+                        .collect();
+                    tracing::info!(
+                        "adversary: round {} {}: labels {:?} ({}) | {}",
+                        record.round,
+                        record.client_id,
+                        record.recovered_labels.iter().take(8).collect::<Vec<_>>(),
+                        record
+                            .label_accuracy
+                            .map_or("unscored".into(), |a| format!("{:.0}% right", 100.0 * a)),
+                        summary.join(", ")
+                    );
+                }
+                Err(e) => tracing::warn!(
+                    "adversary: round {} {}: {e}",
+                    observed.update.round,
+                    observed.client_id
+                ),
+            }
+        }
+        adversary.finish()?;
+        Ok(attacked)
+    });
+    (tx, handle)
+}
+
+/// Feeds the in-process tap of a coordinator to a worker until `stop` flips, then drains.
+pub async fn feed_in_process(
+    federation: Arc<mjpfl_coordinator::Federation>,
+    mut sub: mjpfl_coordinator::tap::Subscription,
+    tx: std::sync::mpsc::SyncSender<(Arc<ObservedUpdate>, Arc<NamedTensors>)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut cache: HashMap<u64, Arc<NamedTensors>> = HashMap::new();
+    loop {
+        let next = tokio::select! {
+            u = sub.updates.recv() => u,
+            _ = stop.wait_for(|s| *s) => sub.updates.try_recv().ok(),
+        };
+        let Some(update) = next else { break };
+        let version = update.update.model_version;
+        let global = match cache.get(&version) {
+            Some(g) => g.clone(),
+            None => match federation.model(version) {
+                Ok(g) => {
+                    cache.retain(|v, _| *v + 2 > version);
+                    cache.insert(version, g.clone());
+                    g
+                }
+                Err(e) => {
+                    tracing::warn!("adversary: model version {version} unavailable: {e:?}");
+                    continue;
+                }
+            },
+        };
+        let tx2 = tx.clone();
+        // The worker's queue is small: waiting here only delays the adversary, never the tap.
+        if tokio::task::spawn_blocking(move || tx2.send((update, global)))
+            .await
+            .map_or(true, |r| r.is_err())
+        {
+            break;
+        }
+    }
+    let dropped = sub.dropped.load(std::sync::atomic::Ordering::Relaxed);
+    if dropped > 0 {
+        tracing::warn!(
+            "adversary: {dropped} intercepted updates dropped (adversary slower than the federation)"
+        );
+    }
+}
+
+/// Arguments of `mjpfl adversary`.
+#[derive(Args, Debug)]
+pub struct AdversaryArgs {
+    /// Coordinator address.
+    #[arg(
+        long,
+        env = "MJPFL_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// The coordinator's observer token.
+    #[arg(long, env = "MJPFL_OBSERVER_TOKEN", default_value = "observer")]
+    observer_token: String,
+    /// Run directory to write attacks/ into (and to read audit/ from, for scoring).
+    #[arg(long, default_value = "runs/federation")]
+    run_dir: PathBuf,
+    /// Public dataset for the mean-image baseline.
+    #[arg(long, default_value = "fashion-mnist")]
+    data: DataSource,
+    /// Data directory.
+    #[arg(long, env = "MJPFL_DATA", default_value = "data")]
+    data_dir: PathBuf,
+    /// Give up after the coordinator is unreachable this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    reconnect_for: f64,
+    #[command(flatten)]
+    attacks: AttackArgs,
+}
+
+/// `mjpfl adversary`: attack every update a remote coordinator intercepts.
+pub fn run(args: AdversaryArgs) -> Result<()> {
+    crate::federate::runtime()?.block_on(async move {
+        let started = std::time::Instant::now();
+        let mut observer = loop {
+            match mjpfl_client::observer::Observer::connect(&args.coordinator, &args.observer_token)
+                .await
+            {
+                Ok(o) => break o,
+                Err(e) if started.elapsed().as_secs_f64() < args.reconnect_for => {
+                    tracing::debug!("adversary: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut updates = observer
+            .watch()
+            .await
+            .context("subscribing to the observer tap")?;
+        let (tx, worker) = {
+            // The architecture comes with the first model download.
+            let first = match updates.recv().await {
+                Some(u) => u?,
+                None => {
+                    println!("adversary: the coordinator closed the tap before any update");
+                    return Ok(());
+                }
+            };
+            let (global, vit) = observer.model(first.update.model_version).await?;
+            let vit = vit.context("the coordinator did not announce the architecture")?;
+            let mean = public_mean_image(&args.data, &args.data_dir, &vit);
+            let (tx, worker) = spawn_worker(vit, args.attacks.config(&args.run_dir, mean)?);
+            let _ = tx.send((Arc::new(first), Arc::new(global)));
+            (tx, worker)
+        };
+        let mut cache: HashMap<u64, Arc<NamedTensors>> = HashMap::new();
+        while let Some(u) = updates.recv().await {
+            let u = match u {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!("adversary: {e}");
+                    break;
+                }
+            };
+            let v = u.update.model_version;
+            let global = match cache.get(&v) {
+                Some(g) => g.clone(),
+                None => {
+                    let g = Arc::new(observer.model(v).await?.0);
+                    cache.insert(v, g.clone());
+                    g
+                }
+            };
+            let tx2 = tx.clone();
+            tokio::task::spawn_blocking(move || tx2.send((Arc::new(u), global)))
+                .await?
+                .ok();
+        }
+        drop(tx);
+        let attacked = tokio::task::spawn_blocking(move || worker.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("adversary worker panicked"))??;
+        println!(
+            "adversary: attacked {attacked} updates; results in {}",
+            args.run_dir.join("attacks").display()
+        );
+        Ok(())
+    })
+}

@@ -1,0 +1,120 @@
+//! Helpers shared by the end-to-end tests: configurations on the committed real-data fixture,
+//! free loopback ports, and a raw protocol client for crafting updates by hand.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use mjp::data::DataSource;
+use mjp::fl::UpdateKind;
+use mjpfl_coordinator::CoordinatorConfig;
+use mjpfl_proto::v1;
+use tonic::transport::Channel;
+
+/// The committed Fashion-MNIST fixture (600 train / 200 test real images).
+pub fn fixture() -> DataSource {
+    DataSource::Idx(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist-mini"),
+    )
+}
+
+/// A small federation on the fixture: vit-micro-28, `clients` clients, FedAvg.
+pub fn small_config(clients: u32, rounds: u32) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig::default();
+    c.federation.rounds = rounds;
+    c.federation.min_clients = clients;
+    c.federation.clients_per_round = clients;
+    c.federation.min_fit = clients;
+    c.federation.round_deadline_secs = 60.0;
+    c.federation.seed = 7;
+    c.data.dataset = fixture();
+    c.data.eval_jigsaw_metrics = false;
+    c.partition = mjpfl_client::partition::PartitionScheme::Iid { count: clients };
+    c.training.update_kind = UpdateKind::FedAvg;
+    c.training.local_steps = 10;
+    c.training.batch_size = 32;
+    c.server.listen = "127.0.0.1:0".into();
+    c
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A hand-driven protocol client.
+pub struct RawClient {
+    pub client: v1::federation_client::FederationClient<Channel>,
+    pub token: String,
+    pub client_id: String,
+    pub manifest: Vec<v1::TensorSpec>,
+}
+
+impl RawClient {
+    pub async fn join(endpoint: &str, secret: &str) -> Result<Self, tonic::Status> {
+        let channel = mjpfl_client::connection::connect(endpoint)
+            .await
+            .expect("coordinator reachable");
+        let mut client = mjpfl_client::connection::federation_client(channel);
+        let r = client
+            .join(v1::JoinRequest {
+                client_name: "raw".into(),
+                capabilities: Some(v1::Capabilities {
+                    device: "test".into(),
+                    num_examples: 10,
+                    audit: false,
+                }),
+                join_secret: secret.into(),
+                partition_hint: -1,
+            })
+            .await?
+            .into_inner();
+        Ok(Self {
+            client,
+            token: r.session_token,
+            client_id: r.client_id,
+            manifest: r.manifest.unwrap().tensors,
+        })
+    }
+
+    /// Polls until a training task arrives.
+    pub async fn train_task(&mut self) -> v1::TrainTask {
+        loop {
+            let t = self
+                .client
+                .get_task(v1::GetTaskRequest {
+                    session_token: self.token.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            match t.kind {
+                Some(v1::task::Kind::Train(t)) => return t,
+                Some(v1::task::Kind::Wait(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => panic!("unexpected task {other:?}"),
+            }
+        }
+    }
+
+    /// Downloads a model version as raw tensors.
+    pub async fn model(&mut self, version: u64) -> mjp::NamedTensors {
+        let s = self
+            .client
+            .download_model(v1::DownloadModelRequest {
+                session_token: self.token.clone(),
+                model_version: version,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        mjpfl_client::connection::receive_model(s, version)
+            .await
+            .unwrap()
+    }
+}

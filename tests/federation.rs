@@ -1,0 +1,326 @@
+//! End-to-end tests of the federation: a real tonic coordinator on 127.0.0.1, real clients,
+//! real data (the committed Fashion-MNIST fixture), real files on disk.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RawClient, free_port, small_config};
+use mjp::NamedTensors;
+use mjpfl_client::ClientConfig;
+use mjpfl_coordinator::{Coordinator, rundir};
+use mjpfl_proto::convert;
+use mjpfl_proto::v1;
+use tokio::sync::watch;
+use tonic::Code;
+
+fn client_config(endpoint: &str, i: usize) -> ClientConfig {
+    let mut c = ClientConfig::new(endpoint, format!("test-{i}"));
+    c.partition_hint = i as i32;
+    c.reconnect_for = Duration::from_secs(60);
+    c
+}
+
+fn accuracy_of(run: &std::path::Path, version: u64) -> f64 {
+    let device = mjp::DeviceSpec::Flex.device().unwrap();
+    let ck =
+        mjp::checkpoint::Checkpoint::read(&rundir::RunDir::checkpoint_in(run, version)).unwrap();
+    let model = ck.into_model(&device).unwrap();
+    let test = common::fixture()
+        .load(mjp::data::Split::Test, "data".as_ref())
+        .unwrap();
+    let opts = mjp::train::EvalOptions {
+        jigsaw_metrics: false,
+        ..Default::default()
+    };
+    mjp::train::evaluate(&model, &test, &opts).accuracy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clients_train_over_loopback_and_accuracy_improves() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(small_config(3, 3), dir.path())
+        .await
+        .unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let (_stop, rx) = watch::channel(false);
+    let clients: Vec<_> = (0..3)
+        .map(|i| tokio::spawn(mjpfl_client::run(client_config(&endpoint, i), rx.clone())))
+        .collect();
+    coordinator.run_to_completion().await.unwrap();
+    for c in clients {
+        let s = c.await.unwrap().unwrap();
+        assert_eq!(s.updates_accepted, 3, "{s:?}");
+        assert_eq!(s.finished, "all rounds completed");
+    }
+    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    assert_eq!(
+        rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        rounds
+            .iter()
+            .all(|r| r.aggregated.len() == 3 && r.closed_by == "all-submitted")
+    );
+    let v0 = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
+        .unwrap()
+        .0;
+    let v3 = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 3))
+        .unwrap()
+        .0;
+    assert!(
+        v3.sub(&v0).unwrap().l2_norm() > 1e-3,
+        "global model did not move"
+    );
+    let (before, after) = (accuracy_of(dir.path(), 0), accuracy_of(dir.path(), 3));
+    assert!(
+        after > before + 0.15,
+        "test accuracy {before:.3} -> {after:.3}"
+    );
+    assert_eq!(rounds[2].test.as_ref().unwrap().accuracy, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_round_does_not_stall_past_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(3, 1);
+    config.federation.min_fit = 2;
+    config.federation.round_deadline_secs = 4.0;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    // The doomed client joins, receives its task, and dies without answering.
+    let mut doomed = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let (_stop, rx) = watch::channel(false);
+    let clients: Vec<_> = (1..3)
+        .map(|i| tokio::spawn(mjpfl_client::run(client_config(&endpoint, i), rx.clone())))
+        .collect();
+    let task = doomed.train_task().await;
+    let opened = Instant::now();
+    drop(doomed);
+    assert_eq!(task.round, 1);
+    coordinator.run_to_completion().await.unwrap();
+    let waited = opened.elapsed();
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0].aggregated.len(), 2);
+    assert_eq!(rounds[0].closed_by, "deadline");
+    assert!(
+        waited < Duration::from_secs(4 + 10),
+        "round took {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_and_restarted_resumes_without_losing_or_repeating_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut config = small_config(2, 4);
+    config.server.listen = format!("127.0.0.1:{port}");
+    config.training.local_steps = 3;
+    let config_path = dir.path().join("coordinator.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let run = dir.path().join("run");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mjpfl"))
+            .args(["coordinator", "--config"])
+            .arg(&config_path)
+            .arg("--run-dir")
+            .arg(&run)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let (_stop, rx) = watch::channel(false);
+    let clients: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(mjpfl_client::run(client_config(&endpoint, i), rx.clone())))
+        .collect();
+    // Kill (SIGKILL: no chance to clean up) once round 2 is committed.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while rundir::read_rounds(&run).map_or(0, |r| r.len()) < 2 {
+        assert!(Instant::now() < deadline, "round 2 never committed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let committed = rundir::read_rounds(&run).unwrap().len();
+    let mut second = spawn();
+    let status = tokio::task::spawn_blocking(move || second.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "restarted coordinator failed: {status:?}");
+    for c in clients {
+        let s = c.await.unwrap().unwrap();
+        assert!(s.joins >= 2, "client never re-joined: {s:?}");
+    }
+    let rounds = rundir::read_rounds(&run).unwrap();
+    assert_eq!(
+        rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4],
+        "rounds lost or repeated"
+    );
+    assert_eq!(
+        rounds.iter().map(|r| r.model_version).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(committed >= 2);
+    // Every version exists and each differs from the one before (each round applied once).
+    for v in 1..=4u64 {
+        let a = NamedTensors::load(&rundir::RunDir::checkpoint_in(&run, v - 1))
+            .unwrap()
+            .0;
+        let b = NamedTensors::load(&rundir::RunDir::checkpoint_in(&run, v))
+            .unwrap()
+            .0;
+        assert!(b.sub(&a).unwrap().l2_norm() > 0.0);
+    }
+}
+
+/// Builds the SubmitUpdate messages of `tensors` with a header that may be tweaked.
+fn messages(
+    token: &str,
+    task: &v1::TrainTask,
+    tensors: &NamedTensors,
+    tweak: impl FnOnce(&mut v1::UpdateHeader, &mut Vec<v1::TensorChunk>),
+) -> Vec<v1::UpdateMessage> {
+    let update = mjp::fl::ModelUpdate {
+        round: task.round,
+        model_version: task.model_version,
+        kind: mjp::fl::UpdateKind::FedAvg,
+        batch_size: 8,
+        num_examples: 8,
+        local_steps: 1,
+        metrics: Default::default(),
+        tensors: tensors.clone(),
+    };
+    let mut header = convert::update_header(&update, token);
+    let mut chunks = convert::chunk_tensors(tensors, 64 * 1024);
+    tweak(&mut header, &mut chunks);
+    std::iter::once(v1::update_message::Kind::Header(header))
+        .chain(chunks.into_iter().map(v1::update_message::Kind::Chunk))
+        .map(|k| v1::UpdateMessage { kind: Some(k) })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_updates_are_refused_with_their_status_and_leave_the_model_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(1, 1);
+    config.federation.round_deadline_secs = 120.0;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let mut raw = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let task = raw.train_task().await;
+    let before = raw.model(0).await;
+    let zeros = {
+        let mut z = before.clone();
+        z.scale(0.0);
+        z
+    };
+    let token = raw.token.clone();
+    let t = &task;
+    let cases: Vec<(&str, Code, Vec<v1::UpdateMessage>)> = vec![
+        (
+            "wrong shape",
+            Code::InvalidArgument,
+            messages(&token, t, &zeros, |h, _| h.tensors[0].shape = vec![1, 2, 3]),
+        ),
+        ("NaN", Code::InvalidArgument, {
+            let mut bad = zeros.clone();
+            bad.tensors_mut()[3].data[5] = f32::NAN;
+            messages(&token, t, &bad, |_, _| {})
+        }),
+        (
+            "unknown token",
+            Code::Unauthenticated,
+            messages("not-a-token", t, &zeros, |_, _| {}),
+        ),
+        (
+            "wrong round",
+            Code::FailedPrecondition,
+            messages(&token, t, &zeros, |h, _| h.round = 5),
+        ),
+        (
+            "wrong version",
+            Code::FailedPrecondition,
+            messages(&token, t, &zeros, |h, _| h.model_version = 3),
+        ),
+        (
+            "oversized chunk",
+            Code::ResourceExhausted,
+            messages(&token, t, &zeros, |_, c| {
+                c[0].data = vec![0u8; mjpfl_proto::MAX_CHUNK_BYTES + 4];
+                c[0].crc32 = crc32fast::hash(&c[0].data);
+            }),
+        ),
+        (
+            "corrupted chunk",
+            Code::DataLoss,
+            messages(&token, t, &zeros, |_, c| c[1].data[0] ^= 0x40),
+        ),
+        (
+            "truncated stream",
+            Code::DataLoss,
+            messages(&token, t, &zeros, |_, c| {
+                c.pop();
+            }),
+        ),
+        (
+            "declared size mismatch",
+            Code::InvalidArgument,
+            messages(&token, t, &zeros, |h, _| h.total_bytes += 4),
+        ),
+        (
+            "wrong update kind",
+            Code::InvalidArgument,
+            messages(&token, t, &zeros, |h, _| {
+                h.kind = v1::UpdateKind::FedsgdGradient as i32;
+            }),
+        ),
+    ];
+    for (name, code, msgs) in cases {
+        let err = raw
+            .client
+            .submit_update(tokio_stream::iter(msgs))
+            .await
+            .expect_err(name);
+        assert_eq!(err.code(), code, "{name}: {}", err.message());
+        assert!(!err.message().is_empty(), "{name}: empty message");
+    }
+    // Nothing was aggregated, no round committed, and the global model is bit-identical.
+    let status = raw
+        .client
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((status.model_version, status.history.len()), (0, 0));
+    let after = raw.model(0).await;
+    let bits = |t: &NamedTensors| {
+        t.tensors()
+            .iter()
+            .flat_map(|x| x.data.iter().map(|v| v.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&before), bits(&after));
+    let on_disk = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
+        .unwrap()
+        .0;
+    assert_eq!(bits(&before), bits(&on_disk));
+    // A well-formed update is still accepted afterwards (the refusals did not poison the round).
+    let ok = raw
+        .client
+        .submit_update(tokio_stream::iter(messages(&token, t, &zeros, |_, _| {})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.accepted);
+    coordinator.run_to_completion().await.unwrap();
+    assert_eq!(rundir::read_rounds(dir.path()).unwrap()[0].rejected, 10);
+}
