@@ -75,16 +75,19 @@ pub fn public_mean_image(data: &DataSource, data_dir: &Path, vit: &VitConfig) ->
     Some(ds.mean_image())
 }
 
+/// An intercepted update with the global model version it was computed from.
+pub type Work = (Arc<ObservedUpdate>, Arc<NamedTensors>);
+
 /// Runs the adversary on a blocking thread; returns a sender for (update, global) pairs and the
 /// thread's handle (it ends when the sender is dropped).
 pub fn spawn_worker(
     vit: VitConfig,
     config: AdversaryConfig,
 ) -> (
-    std::sync::mpsc::SyncSender<(Arc<ObservedUpdate>, Arc<NamedTensors>)>,
+    std::sync::mpsc::SyncSender<Work>,
     std::thread::JoinHandle<Result<usize>>,
 ) {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<ObservedUpdate>, Arc<NamedTensors>)>(4);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(4);
     let handle = std::thread::spawn(move || -> Result<usize> {
         let mut adversary = Adversary::new(vit, config);
         let mut attacked = 0;
@@ -135,7 +138,7 @@ pub fn spawn_worker(
 pub async fn feed_in_process(
     federation: Arc<mjpfl_coordinator::Federation>,
     mut sub: mjpfl_coordinator::tap::Subscription,
-    tx: std::sync::mpsc::SyncSender<(Arc<ObservedUpdate>, Arc<NamedTensors>)>,
+    tx: std::sync::mpsc::SyncSender<Work>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut cache: HashMap<u64, Arc<NamedTensors>> = HashMap::new();

@@ -5,6 +5,7 @@
 //! `sweep`, `report`, `bench`.
 
 mod adversary;
+mod attack;
 mod bench;
 mod common;
 mod federate;
@@ -38,6 +39,8 @@ enum Command {
     Client(federate::ClientArgs),
     /// Run the honest-but-curious adversary against a coordinator's observer endpoint.
     Adversary(adversary::AdversaryArgs),
+    /// Attack one saved update, or updates made from real images, offline.
+    Attack(attack::AttackCmdArgs),
     /// Centralised training of an MJP-ViT with per-epoch clean/jigsaw accuracy and consistency.
     Train(train::TrainArgs),
     /// Benchmarks (train-step speed against a PyTorch reference measured in the same run).
@@ -53,6 +56,7 @@ fn main() {
         Command::Coordinator(args) => federate::coordinator(args),
         Command::Client(args) => federate::client(args),
         Command::Adversary(args) => adversary::run(args),
+        Command::Attack(args) => attack::run(args),
         Command::Train(args) => train::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };

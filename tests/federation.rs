@@ -309,6 +309,7 @@ async fn bad_updates_are_refused_with_their_status_and_leave_the_model_bit_ident
             .collect::<Vec<_>>()
     };
     assert_eq!(bits(&before), bits(&after));
+    // The checkpoint on disk too (loaded in the model's order, compared bit for bit).
     let on_disk = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
         .unwrap()
         .0;

@@ -207,7 +207,7 @@ impl Adversary {
     /// Whether `observed` is selected for attack (and counts it).
     pub fn select(&mut self, observed: &ObservedUpdate) -> bool {
         let round = observed.update.round;
-        if !observed.accepted || round % self.config.every_rounds.max(1) != 0 {
+        if !observed.accepted || !round.is_multiple_of(self.config.every_rounds.max(1)) {
             return false;
         }
         let n = self.attacked_this_round.entry(round).or_insert(0);

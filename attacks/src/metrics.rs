@@ -73,11 +73,10 @@ pub fn ssim(a: &[f32], b: &[f32], channels: usize, size: usize) -> f64 {
         for y in 0..=size - 11 {
             for x in 0..=size - 11 {
                 let (mut ma, mut mb, mut saa, mut sbb, mut sab) = (0.0, 0.0, 0.0, 0.0, 0.0);
-                for i in 0..11 {
-                    for j in 0..11 {
+                for (i, wrow) in w.iter().enumerate() {
+                    for (j, &wij) in wrow.iter().enumerate() {
                         let k = (y + i) * size + x + j;
                         let (va, vb) = (f64::from(pa[k]), f64::from(pb[k]));
-                        let wij = w[i][j];
                         ma += wij * va;
                         mb += wij * vb;
                         saa += wij * va * va;

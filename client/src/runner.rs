@@ -103,8 +103,9 @@ pub async fn run(
         model: None,
     };
     let mut session: Option<Session> = None;
-    let mut backoff = Duration::from_millis(200);
-    let mut unreachable_since: Option<Instant> = None;
+    // Token of the last session, sent on re-join so the coordinator retires it.
+    let mut previous_token = String::new();
+    let mut backoff = Backoff::new(config.reconnect_for);
     loop {
         if *shutdown.borrow() {
             summary.finished = "shutdown".into();
@@ -112,28 +113,17 @@ pub async fn run(
         }
         let s = match session.as_mut() {
             Some(s) => s,
-            None => match join(&config, &mut local).await {
+            None => match join(&config, &mut local, &previous_token).await {
                 Ok(s) => {
                     summary.joins += 1;
                     summary.client_id = s.client_id.clone();
-                    unreachable_since = None;
-                    backoff = Duration::from_millis(200);
+                    previous_token = s.token.clone();
+                    backoff.reset();
                     session.insert(s)
                 }
-                Err(e @ ClientError::Refused { .. }) if e.code() == Some(Code::Unauthenticated) => {
-                    return Err(e);
-                }
+                Err(e) if e.code() == Some(Code::Unauthenticated) => return Err(e),
                 Err(e @ (ClientError::Unreachable { .. } | ClientError::Refused { .. })) => {
-                    let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > config.reconnect_for {
-                        return Err(e);
-                    }
-                    tracing::debug!("{}: {e}; retrying in {backoff:?}", config.name);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff.wait(&config.name, e, &mut shutdown).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -144,38 +134,57 @@ pub async fn run(
             _ = shutdown.changed() => continue,
         };
         let task = match task {
-            Ok(t) => t.into_inner(),
-            Err(status) => {
-                // Unauthenticated: the coordinator restarted and forgot us; others: it is gone.
+            Ok(t) => {
+                backoff.reset();
+                t.into_inner()
+            }
+            Err(status) if status.code() == Code::Unauthenticated => {
+                // The coordinator restarted and forgot this session: join again.
                 tracing::info!(
-                    "{}: GetTask failed ({}: {}); reconnecting",
-                    config.name,
-                    status.code(),
-                    status.message()
+                    "{}: session unknown to the coordinator; re-joining",
+                    config.name
                 );
                 session = None;
                 continue;
             }
+            Err(status) => {
+                // Transient (coordinator restarting, network): keep the session, retry.
+                backoff
+                    .wait(
+                        &config.name,
+                        ClientError::refused("GetTask", status),
+                        &mut shutdown,
+                    )
+                    .await?;
+                continue;
+            }
         };
         match task.kind {
-            Some(v1::task::Kind::Train(t)) => match train_and_submit(&config, s, &mut local, t)
-                .await
-            {
-                Ok(()) => summary.updates_accepted += 1,
-                Err(e) => match e.code() {
-                    Some(
-                        Code::Unavailable | Code::Unauthenticated | Code::Unknown | Code::Cancelled,
-                    ) => {
-                        tracing::info!("{}: {e}; reconnecting", config.name);
-                        session = None;
-                    }
-                    Some(_) => {
-                        summary.updates_refused += 1;
-                        tracing::warn!("{}: {e}", config.name);
-                    }
-                    None => return Err(e),
-                },
-            },
+            Some(v1::task::Kind::Train(t)) => {
+                match train_and_submit(&config, s, &mut local, t).await {
+                    Ok(()) => summary.updates_accepted += 1,
+                    Err(e) => match e.code() {
+                        Some(Code::Unauthenticated) => {
+                            tracing::info!("{}: {e}; re-joining", config.name);
+                            session = None;
+                        }
+                        Some(Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+                            tracing::info!("{}: {e}; retrying", config.name);
+                        }
+                        Some(_) => {
+                            summary.updates_refused += 1;
+                            tracing::warn!("{}: {e}", config.name);
+                        }
+                        // A damaged download or a malformed reply: drop the cached model and ask
+                        // for the task again rather than exit.
+                        None if matches!(e, ClientError::Wire(_) | ClientError::Protocol(_)) => {
+                            tracing::warn!("{}: {e}; retrying the task", config.name);
+                            local.model = None;
+                        }
+                        None => return Err(e),
+                    },
+                }
+            }
             Some(v1::task::Kind::Wait(w)) => {
                 let pause = Duration::from_millis(u64::from(w.retry_after_ms.clamp(10, 30_000)));
                 tokio::select! {
@@ -187,12 +196,54 @@ pub async fn run(
                 summary.finished = f.reason;
                 return Ok(summary);
             }
-            None => return Err(ClientError::Protocol("task without a kind".into())),
+            // A task kind newer than this client: treat it as "not now".
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }
 
-async fn join(config: &ClientConfig, local: &mut Local) -> Result<Session> {
+/// Exponential backoff that gives up after the coordinator stayed unreachable for `limit`.
+struct Backoff {
+    limit: Duration,
+    delay: Duration,
+    since: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            delay: Duration::from_millis(200),
+            since: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.delay = Duration::from_millis(200);
+        self.since = None;
+    }
+
+    async fn wait(
+        &mut self,
+        name: &str,
+        cause: ClientError,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() > self.limit {
+            return Err(cause);
+        }
+        tracing::debug!("{name}: {cause}; retrying in {:?}", self.delay);
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = shutdown.changed() => {}
+        }
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+async fn join(config: &ClientConfig, local: &mut Local, previous_token: &str) -> Result<Session> {
     let mut client = federation_client(connection::connect(&config.endpoint).await?);
     let examples = local.data.as_ref().map_or(0, |(_, d)| d.len() as u64);
     let reply = client
@@ -208,6 +259,7 @@ async fn join(config: &ClientConfig, local: &mut Local) -> Result<Session> {
                 .data
                 .as_ref()
                 .map_or(config.partition_hint, |(p, _)| *p as i32),
+            previous_session_token: previous_token.to_string(),
         })
         .await
         .map_err(|s| ClientError::refused("Join", s))?

@@ -201,6 +201,11 @@ pub fn apply(
         UpdateKind::FedSgd => 1.0,
         UpdateKind::FedAvg => -1.0,
     };
+    debug_assert_eq!(
+        global.manifest(),
+        aggregated.manifest(),
+        "global and update in the same order"
+    );
     let mut out = global.clone();
     match *optimizer {
         ServerOptimizer::Sgd { lr } => {

@@ -41,9 +41,9 @@ pub struct CoordinatorConfig {
 pub struct FederationSection {
     /// Rounds to run.
     pub rounds: u32,
-    /// Clients that must have joined before round 1 starts.
+    /// Live clients needed before each round opens.
     pub min_clients: u32,
-    /// Clients sampled per round (upper bound when `sample_fraction` is set).
+    /// Clients sampled per round (a cap when `sample_fraction` is set).
     pub clients_per_round: u32,
     /// If > 0, sample `ceil(fraction * connected)` clients instead.
     pub sample_fraction: f64,
@@ -143,7 +143,7 @@ impl Default for DataSection {
             data_dir: PathBuf::from("data"),
             test_limit: 0,
             eval_jigsaw_metrics: true,
-            eval_jigsaw_limit: 1000,
+            eval_jigsaw_limit: 500,
             skip_eval: false,
         }
     }
@@ -299,13 +299,19 @@ impl CoordinatorConfig {
                 f.min_fit, f.clients_per_round
             ));
         }
+        if f.min_fit > f.min_clients {
+            return bad(format!(
+                "min_fit ({}) cannot exceed min_clients ({}): a round could never close",
+                f.min_fit, f.min_clients
+            ));
+        }
         if !(0.0..=1.0).contains(&f.sample_fraction) {
             return bad("sample_fraction must be in [0, 1]".into());
         }
         if !f.round_deadline_secs.is_finite() || f.round_deadline_secs <= 0.0 {
             return bad("round_deadline_secs must be positive".into());
         }
-        if t.batch_size == 0 || !(t.learning_rate > 0.0) {
+        if t.batch_size == 0 || !t.learning_rate.is_finite() || t.learning_rate <= 0.0 {
             return bad("training.batch_size and training.learning_rate must be positive".into());
         }
         if !(0.0..=1.0).contains(&t.jigsaw_probability) {
@@ -319,11 +325,11 @@ impl CoordinatorConfig {
         {
             return bad("trimmed-mean fraction must be in [0, 0.5)".into());
         }
-        if self.server.max_chunk_bytes == 0
+        if self.server.max_chunk_bytes < 1024
             || self.server.max_chunk_bytes > mjpfl_proto::MAX_CHUNK_BYTES
         {
             return bad(format!(
-                "server.max_chunk_bytes must be in 1..={}",
+                "server.max_chunk_bytes must be in 1024..={}",
                 mjpfl_proto::MAX_CHUNK_BYTES
             ));
         }

@@ -348,19 +348,30 @@ impl Federation {
         self.upload_permits.clone()
     }
 
-    /// Registers a client.
+    /// Registers a client. A `previous_token` (re-join after a connection problem) retires the
+    /// session it names, so no ghost of the same client is sampled or waited for.
     pub fn join(
         &self,
         name: &str,
         secret: &str,
         num_examples: u64,
         partition_hint: i32,
+        previous_token: &str,
     ) -> Result<Joined, Refusal> {
         if secret != self.config.federation.join_secret {
             return Err(Refusal::Unauthenticated("wrong join secret".into()));
         }
         let count = self.config.partition.count();
         let mut s = self.lock();
+        if let Some(old) = s.tokens.remove(previous_token) {
+            s.clients.remove(&old);
+            if let Some(r) = s.round.as_mut()
+                && !r.submitted.contains(&old)
+            {
+                r.sampled.remove(&old);
+            }
+            tracing::info!("{old} re-joined: its previous session is retired");
+        }
         let taken: BTreeSet<u32> = s.clients.values().map(|c| c.partition).collect();
         let partition = if partition_hint >= 0 && (partition_hint as u32) < count {
             partition_hint as u32
@@ -488,10 +499,18 @@ impl Federation {
 
     /// A stored model version: the current one from memory, older ones from their checkpoint.
     pub fn model(&self, version: u64) -> Result<Arc<NamedTensors>, Refusal> {
-        let current = {
+        let (current, completed) = {
             let s = self.lock();
-            (u64::from(s.completed) == version).then(|| s.global.clone())
+            (
+                (u64::from(s.completed) == version).then(|| s.global.clone()),
+                u64::from(s.completed),
+            )
         };
+        if version > completed {
+            return Err(Refusal::NotFound(format!(
+                "model version {version} is not committed (current version {completed})"
+            )));
+        }
         match current {
             Some(g) => Ok(g),
             None => {
@@ -586,16 +605,14 @@ impl Federation {
             .check_manifest(&self.manifest)
             .and_then(|_| update.tensors.check_finite())
         {
-            self.note_rejection();
             return Err(Refusal::InvalidArgument(e.to_string()));
         }
         if update.num_examples == 0 {
-            self.note_rejection();
             return Err(Refusal::InvalidArgument("num_examples must be >= 1".into()));
         }
-        let sequence = self.tap.next_sequence();
+        // Sequence numbers are taken only for updates that reach the tap: a gap means a drop.
         let observed = |accepted: bool, update: ModelUpdate| ObservedUpdate {
-            sequence,
+            sequence: self.tap.next_sequence(),
             client_id: ticket.client_id.clone(),
             accepted,
             dropped_before: 0,
@@ -769,7 +786,9 @@ impl Federation {
             .collect();
         live.sort();
         let k = if f.sample_fraction > 0.0 {
-            ((f.sample_fraction * live.len() as f64).ceil() as usize).max(1)
+            ((f.sample_fraction * live.len() as f64).ceil() as usize)
+                .max(1)
+                .min(f.clients_per_round as usize)
         } else {
             f.clients_per_round as usize
         }

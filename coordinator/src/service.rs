@@ -91,7 +91,12 @@ impl FederationService {
                     ));
                 }
                 Ok(None) => break,
-                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+                    ) =>
+                {
                     return Err(Status::resource_exhausted(format!(
                         "message over the size limit: {}",
                         e.message()
@@ -149,6 +154,7 @@ impl v1::federation_server::Federation for FederationService {
             &req.join_secret,
             caps.num_examples,
             req.partition_hint,
+            &req.previous_session_token,
         )?;
         let config = self.fed.config();
         Ok(Response::new(v1::JoinResponse {

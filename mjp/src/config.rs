@@ -203,13 +203,16 @@ impl VitConfig {
     /// Checks the architecture is buildable.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(MjpError::Config(m));
-        if self.patch_size == 0 || self.image_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0
+            || self.image_size == 0
+            || !self.image_size.is_multiple_of(self.patch_size)
+        {
             return bad(format!(
                 "image size {} must be a positive multiple of patch size {}",
                 self.image_size, self.patch_size
             ));
         }
-        if self.heads == 0 || self.dim % self.heads != 0 {
+        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
             return bad(format!(
                 "dim {} must be divisible by heads {}",
                 self.dim, self.heads

@@ -318,6 +318,24 @@ fn chw_from_rgb(rgb: &image::RgbImage, channels: usize) -> Vec<u8> {
     out
 }
 
+/// Reads one PNG/JPEG file as CHW bytes with `channels` channels, resized to `size` x `size`.
+pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<Vec<u8>> {
+    let img =
+        image::open(path).map_err(|e| MjpError::data(path, format!("cannot decode image: {e}")))?;
+    let rgb = img.to_rgb8();
+    let rgb = if rgb.width() as usize == size && rgb.height() as usize == size {
+        rgb
+    } else {
+        image::imageops::resize(
+            &rgb,
+            size as u32,
+            size as u32,
+            image::imageops::FilterType::Triangle,
+        )
+    };
+    Ok(chw_from_rgb(&rgb, channels))
+}
+
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).map_err(|e| MjpError::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {

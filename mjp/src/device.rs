@@ -9,21 +9,16 @@ use burn::tensor::Device;
 use crate::error::{MjpError, Result};
 
 /// A backend and device named on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
     /// burn's pure-Rust CPU backend.
+    #[default]
     Flex,
     /// LibTorch on the CPU.
     TchCpu,
     /// LibTorch on CUDA device N.
     TchCuda(usize),
-}
-
-impl Default for DeviceSpec {
-    fn default() -> Self {
-        Self::Flex
-    }
 }
 
 impl FromStr for DeviceSpec {

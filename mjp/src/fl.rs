@@ -20,12 +20,13 @@ use crate::train::{Batch, OptimizerKind, StepStats, compute_gradients, draw_step
 
 /// What an update holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
 pub enum UpdateKind {
     /// The gradient of one local step (the most leaky case).
     #[default]
+    #[serde(rename = "fedsgd")]
     FedSgd,
     /// Local weights minus global weights after several local steps.
+    #[serde(rename = "fedavg")]
     FedAvg,
 }
 

@@ -39,6 +39,9 @@ pub struct NamedTensors {
     tensors: Vec<NamedTensor>,
 }
 
+/// Metadata key recording the tensors' order.
+const ORDER_KEY: &str = "mjpfl.tensor_order";
+
 /// A tensor name and shape, without values: what peers agree on before exchanging data.
 pub type Manifest = Vec<(String, Vec<usize>)>;
 
@@ -242,8 +245,15 @@ impl NamedTensors {
         Ok(NamedTensors { tensors })
     }
 
-    /// Serialises to safetensors bytes (f32, little-endian) with string metadata.
-    pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+    /// Serialises to safetensors bytes (f32, little-endian) with string metadata. safetensors
+    /// stores tensors sorted by name; the model's order is kept in the `mjpfl.tensor_order`
+    /// metadata so that loading gives back the same order.
+    pub fn to_safetensors(&self, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+        let order: Vec<&str> = self.tensors.iter().map(|t| t.name.as_str()).collect();
+        metadata.insert(
+            ORDER_KEY.into(),
+            serde_json::to_string(&order).expect("names serialise"),
+        );
         let bytes: Vec<(&str, Vec<u8>)> = self
             .tensors
             .iter()
@@ -272,12 +282,16 @@ impl NamedTensors {
         })
     }
 
-    /// Parses safetensors bytes (f32, f16 and bf16 are read as f32), keeping file order.
+    /// Parses safetensors bytes (f32, f16 and bf16 are read as f32), in the order recorded by
+    /// [`NamedTensors::to_safetensors`] (file order for other files).
     pub fn from_safetensors(
         bytes: &[u8],
     ) -> std::result::Result<(Self, HashMap<String, String>), String> {
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
-        let metadata = header.metadata().clone().unwrap_or_default();
+        let mut metadata = header.metadata().clone().unwrap_or_default();
+        let order: Option<Vec<String>> = metadata
+            .remove(ORDER_KEY)
+            .and_then(|o| serde_json::from_str(&o).ok());
         let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
         let mut tensors = Vec::new();
         for name in header.offset_keys() {
@@ -305,6 +319,14 @@ impl NamedTensors {
                 shape: view.shape().to_vec(),
                 data,
             });
+        }
+        if let Some(order) = order {
+            let rank: HashMap<&str, usize> = order
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.as_str(), i))
+                .collect();
+            tensors.sort_by_key(|t| rank.get(t.name.as_str()).copied().unwrap_or(usize::MAX));
         }
         Ok((Self { tensors }, metadata))
     }

@@ -60,7 +60,7 @@ impl OptimizerKind {
 }
 
 /// The MJP objective's knobs for one step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ObjectiveConfig {
     /// How the jigsaw is drawn.
@@ -69,16 +69,6 @@ pub struct ObjectiveConfig {
     pub dal_lambda: LambdaSchedule,
     /// Regress grid coordinates scaled to [0, 1] instead of raw (row, col).
     pub dal_normalized_targets: bool,
-}
-
-impl Default for ObjectiveConfig {
-    fn default() -> Self {
-        Self {
-            jigsaw: JigsawConfig::default(),
-            dal_lambda: LambdaSchedule::default(),
-            dal_normalized_targets: false,
-        }
-    }
 }
 
 /// A batch on a device.

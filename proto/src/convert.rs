@@ -213,7 +213,7 @@ impl Assembler {
             )));
         }
         let size = dtype_size(*dtype);
-        if chunk.data.len() % size != 0 {
+        if !chunk.data.len().is_multiple_of(size) {
             return Err(WireError::Invalid(format!(
                 "tensor {name}: chunk is not a whole number of elements"
             )));

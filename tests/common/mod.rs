@@ -70,6 +70,7 @@ impl RawClient {
                 }),
                 join_secret: secret.into(),
                 partition_hint: -1,
+                previous_session_token: String::new(),
             })
             .await?
             .into_inner();
