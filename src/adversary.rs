@@ -13,7 +13,7 @@ use mjp::VitConfig;
 use mjp::data::{DataSource, Split};
 use mjp::fl::ObservedUpdate;
 use mjp::params::NamedTensors;
-use mjpfl_attacks::adversary::{Adversary, AdversaryConfig, AttackSpec};
+use mjpfl_attacks::adversary::{Adversary, AdversaryConfig, AttackSpec, Sampler};
 use tokio::sync::watch;
 
 /// Which attacks the adversary runs, on which updates.
@@ -28,8 +28,30 @@ pub struct AttackArgs {
     )]
     pub attacks: Vec<String>,
     /// Iterations of optimisation attacks.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 1000)]
     pub attack_iterations: usize,
+    /// Learning rate of optimisation attacks (pixel space; default per attack).
+    #[arg(long)]
+    pub attack_lr: Option<f64>,
+    /// Total-variation weight of optimisation attacks (default per attack).
+    #[arg(long)]
+    pub attack_tv: Option<f64>,
+    /// Weight of the PE-gradient term of the `-pe` attacks.
+    #[arg(long)]
+    pub attack_pe_weight: Option<f64>,
+    /// Weight of the patch-embedding-gradient term of the `-pe` attacks.
+    #[arg(long)]
+    pub attack_embed_weight: Option<f64>,
+    /// Restarts of optimisation attacks (best by objective is kept).
+    #[arg(long)]
+    pub attack_restarts: Option<usize>,
+    /// Use plain (not signed) Adam in optimisation attacks.
+    #[arg(long)]
+    pub attack_unsigned: bool,
+    /// Start optimisation attacks from pure noise instead of the public dataset-mean image
+    /// plus noise (the default assumes the attacker knows the data's mean image, a public prior).
+    #[arg(long)]
+    pub attack_init_noise: bool,
     /// Attack at most this many updates per round (0 = all).
     #[arg(long, default_value_t = 0)]
     pub attack_max_per_round: usize,
@@ -52,6 +74,38 @@ impl AttackArgs {
             .iter()
             .filter(|a| !a.is_empty())
             .map(|a| AttackSpec::by_name(a.trim(), self.attack_iterations))
+            .map(|spec| {
+                spec.map(|mut spec| {
+                    if let AttackSpec::Optimisation { config, .. } = &mut spec {
+                        if let Some(v) = self.attack_lr {
+                            config.lr = v;
+                        }
+                        if let Some(v) = self.attack_tv {
+                            config.tv_weight = v;
+                        }
+                        if let Some(v) = self.attack_pe_weight
+                            && config.objective.pe_weight > 0.0
+                        {
+                            config.objective.pe_weight = v;
+                        }
+                        if let Some(v) = self.attack_embed_weight
+                            && config.objective.pe_weight > 0.0
+                        {
+                            config.objective.embed_weight = v;
+                        }
+                        if let Some(v) = self.attack_restarts {
+                            config.restarts = v;
+                        }
+                        if self.attack_unsigned {
+                            config.signed = false;
+                        }
+                        if self.attack_init_noise {
+                            config.init_mean_image = false;
+                        }
+                    }
+                    spec
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(AdversaryConfig {
             attacks,
@@ -78,23 +132,41 @@ pub fn public_mean_image(data: &DataSource, data_dir: &Path, vit: &VitConfig) ->
 /// An intercepted update with the global model version it was computed from.
 pub type Work = (Arc<ObservedUpdate>, Arc<NamedTensors>);
 
-/// Runs the adversary on a blocking thread; returns a sender for (update, global) pairs and the
-/// thread's handle (it ends when the sender is dropped).
+/// The way into the attack worker: the sampling rule, applied as updates come off the tap, and a
+/// small queue of the selected updates.
+pub struct AttackQueue {
+    sampler: Sampler,
+    tx: std::sync::mpsc::SyncSender<Work>,
+}
+
+impl AttackQueue {
+    /// Whether the adversary attacks `observed` (counts it when it does).
+    pub fn wants(&mut self, observed: &ObservedUpdate) -> bool {
+        self.sampler.select(observed)
+    }
+
+    /// Queues a selected update; waits while the worker is busy (the tap, not the federation,
+    /// absorbs the wait). False when the worker is gone.
+    pub async fn send(&self, work: Work) -> bool {
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(work).is_ok())
+            .await
+            .unwrap_or(false)
+    }
+}
+
+/// Runs the adversary on a blocking thread; returns its queue and the thread's handle (it ends
+/// when the queue is dropped).
 pub fn spawn_worker(
     vit: VitConfig,
     config: AdversaryConfig,
-) -> (
-    std::sync::mpsc::SyncSender<Work>,
-    std::thread::JoinHandle<Result<usize>>,
-) {
+) -> (AttackQueue, std::thread::JoinHandle<Result<usize>>) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Work>(4);
+    let sampler = Sampler::new(&config);
     let handle = std::thread::spawn(move || -> Result<usize> {
         let mut adversary = Adversary::new(vit, config);
         let mut attacked = 0;
         for (observed, global) in rx {
-            if !adversary.select(&observed) {
-                continue;
-            }
             match adversary.attack(&observed, &global) {
                 Ok(record) => {
                     attacked += 1;
@@ -131,14 +203,14 @@ pub fn spawn_worker(
         adversary.finish()?;
         Ok(attacked)
     });
-    (tx, handle)
+    (AttackQueue { sampler, tx }, handle)
 }
 
 /// Feeds the in-process tap of a coordinator to a worker until `stop` flips, then drains.
 pub async fn feed_in_process(
     federation: Arc<mjpfl_coordinator::Federation>,
     mut sub: mjpfl_coordinator::tap::Subscription,
-    tx: std::sync::mpsc::SyncSender<Work>,
+    mut queue: AttackQueue,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut cache: HashMap<u64, Arc<NamedTensors>> = HashMap::new();
@@ -148,6 +220,9 @@ pub async fn feed_in_process(
             _ = stop.wait_for(|s| *s) => sub.updates.try_recv().ok(),
         };
         let Some(update) = next else { break };
+        if !queue.wants(&update) {
+            continue;
+        }
         let version = update.update.model_version;
         let global = match cache.get(&version) {
             Some(g) => g.clone(),
@@ -163,12 +238,8 @@ pub async fn feed_in_process(
                 }
             },
         };
-        let tx2 = tx.clone();
         // The worker's queue is small: waiting here only delays the adversary, never the tap.
-        if tokio::task::spawn_blocking(move || tx2.send((update, global)))
-            .await
-            .map_or(true, |r| r.is_err())
-        {
+        if !queue.send((update, global)).await {
             break;
         }
     }
@@ -229,7 +300,7 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
             .watch()
             .await
             .context("subscribing to the observer tap")?;
-        let (tx, worker) = {
+        let (mut queue, worker) = {
             // The architecture comes with the first model download.
             let first = match updates.recv().await {
                 Some(u) => u?,
@@ -241,12 +312,24 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
             let (global, vit) = observer.model(first.update.model_version).await?;
             let vit = vit.context("the coordinator did not announce the architecture")?;
             let mean = public_mean_image(&args.data, &args.data_dir, &vit);
-            let (tx, worker) = spawn_worker(vit, args.attacks.config(&args.run_dir, mean)?);
-            let _ = tx.send((Arc::new(first), Arc::new(global)));
-            (tx, worker)
+            let (mut queue, worker) = spawn_worker(vit, args.attacks.config(&args.run_dir, mean)?);
+            if queue.wants(&first) {
+                queue.send((Arc::new(first), Arc::new(global))).await;
+            }
+            (queue, worker)
         };
         let mut cache: HashMap<u64, Arc<NamedTensors>> = HashMap::new();
-        while let Some(u) = updates.recv().await {
+        let signal = crate::federate::ctrl_c_or_term();
+        tokio::pin!(signal);
+        loop {
+            let next = tokio::select! {
+                u = updates.recv() => u,
+                _ = &mut signal => {
+                    println!("adversary: signal received; finishing the updates already queued");
+                    None
+                }
+            };
+            let Some(u) = next else { break };
             let u = match u {
                 Ok(u) => u,
                 Err(e) => {
@@ -254,6 +337,9 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
                     break;
                 }
             };
+            if !queue.wants(&u) {
+                continue;
+            }
             let v = u.update.model_version;
             let global = match cache.get(&v) {
                 Some(g) => g.clone(),
@@ -263,12 +349,9 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
                     g
                 }
             };
-            let tx2 = tx.clone();
-            tokio::task::spawn_blocking(move || tx2.send((Arc::new(u), global)))
-                .await?
-                .ok();
+            queue.send((Arc::new(u), global)).await;
         }
-        drop(tx);
+        drop(queue);
         let attacked = tokio::task::spawn_blocking(move || worker.join())
             .await?
             .map_err(|_| anyhow::anyhow!("adversary worker panicked"))??;
@@ -276,6 +359,10 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
             "adversary: attacked {attacked} updates; results in {}",
             args.run_dir.join("attacks").display()
         );
+        // The coordinator may have written the report before the last attacks finished.
+        if args.run_dir.join("rounds.jsonl").exists() {
+            crate::report::write_run_report(&args.run_dir)?;
+        }
         Ok(())
     })
 }

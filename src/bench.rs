@@ -3,6 +3,10 @@
 //! `train-step`: milliseconds per training step (forward, backward, AdamW) of a preset on a
 //! device, next to the PyTorch reference (`bench/reference_train_step.py`, same architecture and
 //! shapes) when a Python with torch is available.
+//!
+//! `aggregate`: N updates of a preset's size streamed over gRPC into a real `mjpfl coordinator`
+//! child process and folded into one round; GB/s beside an in-memory fold of the same updates
+//! (the reference), and the coordinator's peak RSS beside the target 3 x model + 100 MB.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,6 +25,38 @@ use crate::common::DeviceArgs;
 pub enum BenchCommand {
     /// Milliseconds per training step vs the PyTorch reference.
     TrainStep(TrainStepArgs),
+    /// Aggregation throughput over gRPC and the coordinator's peak memory.
+    Aggregate(AggregateArgs),
+    /// Inverting Gradients iterations per second vs a PyTorch double-backward reference.
+    Attack(AttackBenchArgs),
+}
+
+/// Arguments of `bench attack`.
+#[derive(Args, Debug)]
+pub struct AttackBenchArgs {
+    /// Architecture preset (learned PE, batch 1).
+    #[arg(long, default_value = "vit-micro-28")]
+    preset: String,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 100)]
+    iterations: usize,
+    /// Python interpreter with torch for the reference ("none" skips it).
+    #[arg(long, env = "MJPFL_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+/// Arguments of `bench aggregate`.
+#[derive(Args, Debug)]
+pub struct AggregateArgs {
+    /// Architecture preset whose size the updates have.
+    #[arg(long, default_value = "vit-tiny-32")]
+    preset: String,
+    /// Updates folded into the round (one client each).
+    #[arg(long, default_value_t = 100)]
+    updates: usize,
+    /// Uploads in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
 }
 
 /// Arguments of `bench train-step`.
@@ -54,6 +90,8 @@ pub struct TrainStepArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::TrainStep(args) => train_step(args),
+        BenchCommand::Aggregate(args) => aggregate(args),
+        BenchCommand::Attack(args) => attack_speed(args),
     }
 }
 
@@ -120,19 +158,35 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
 }
 
 fn reference(args: &TrainStepArgs, device: &str) -> Result<f64> {
-    let script = reference_script()?;
-    let output = Command::new(&args.python)
-        .arg(&script)
-        .args(["--preset", &args.preset, "--batch", &args.batch.to_string()])
-        .args([
+    let out = run_reference(
+        &args.python,
+        "reference_train_step.py",
+        &[
+            "--preset",
+            &args.preset,
+            "--batch",
+            &args.batch.to_string(),
             "--steps",
             &args.steps.to_string(),
             "--warmup",
             &args.warmup.to_string(),
-        ])
-        .args(["--device", device])
+            "--device",
+            device,
+        ],
+    )?;
+    out["ms_per_step"]
+        .as_f64()
+        .context("reference output lacks ms_per_step")
+}
+
+/// Runs `bench/<script>` with `python` and parses the JSON object on its last stdout line.
+fn run_reference(python: &str, script: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let script = reference_script(script)?;
+    let output = Command::new(python)
+        .arg(&script)
+        .args(args)
         .output()
-        .with_context(|| format!("running {} {}", args.python, script.display()))?;
+        .with_context(|| format!("running {python} {}", script.display()))?;
     if !output.status.success() {
         anyhow::bail!(
             "{} failed (is torch installed? set MJPFL_PYTHON): {}",
@@ -145,22 +199,112 @@ fn reference(args: &TrainStepArgs, device: &str) -> Result<f64> {
     }
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout.lines().last().unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(line).with_context(|| format!("reference printed {line:?}"))?;
-    v["ms_per_step"]
-        .as_f64()
-        .context("reference output lacks ms_per_step")
+    serde_json::from_str(line).with_context(|| format!("reference printed {line:?}"))
 }
 
-fn reference_script() -> Result<PathBuf> {
+fn reference_script(name: &str) -> Result<PathBuf> {
     let candidates = [
-        PathBuf::from("bench/reference_train_step.py"),
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference_train_step.py"),
+        PathBuf::from("bench").join(name),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("bench")
+            .join(name),
     ];
     candidates
         .into_iter()
         .find(|p| p.is_file())
-        .context("bench/reference_train_step.py not found (run from the repository root)")
+        .with_context(|| format!("bench/{name} not found (run from the repository root)"))
+}
+
+/// Inverting Gradients with the PE-gradient term, batch 1, learned PE: iterations per second
+/// (each iteration: the matching objective's parameter gradient, its input gradient through the
+/// finite-difference Jacobian-vector product, TV, a signed Adam step).
+fn attack_speed(args: AttackBenchArgs) -> Result<()> {
+    use mjp::fl::{RoundConfig, UpdateKind};
+    use mjpfl_attacks::case::AttackCase;
+    use mjpfl_attacks::optimise::{OptimisationConfig, optimise};
+    use mjpfl_attacks::victim::Victim;
+
+    let vit = mjp::VitConfig::preset(&args.preset)?.with_pe(PeMode::Learned);
+    let device = mjp::DeviceSpec::Flex.device()?.autodiff();
+    let model = Vit::new(&vit, Seed(0), &device);
+    let global = mjp::NamedTensors::from_module(&model);
+    let mut rng = Seed(1).rng();
+    let per = vit.channels * vit.image_size * vit.image_size;
+    let image: Vec<f32> = (0..per).map(|_| rng.random()).collect();
+    let labels = vec![3u32];
+    let victim = Victim::new(&vit, &global, 0.0)?;
+    let update = victim.parameter_gradient(&image, &labels, None);
+    let case = AttackCase {
+        vit: vit.clone(),
+        global,
+        config: RoundConfig {
+            update_kind: UpdateKind::FedSgd,
+            local_steps: 1,
+            local_epochs: 0,
+            learning_rate: 0.1,
+            batch_size: 1,
+            shuffle_ratio: 0.0,
+            jigsaw_probability: 0.0,
+            per_sample_jigsaw: false,
+            dal_lambda: 0.0,
+            fedprox_mu: 0.0,
+            seed: 0,
+            deadline_unix_ms: 0,
+            local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
+        },
+        update,
+        kind: UpdateKind::FedSgd,
+        batch_size: 1,
+        local_steps: 1,
+    };
+    let config = OptimisationConfig {
+        iterations: args.iterations,
+        restarts: 1,
+        init_mean_image: false,
+        ..OptimisationConfig::inverting_gradients(true)
+    };
+    // Warm-up (allocator, thread pools), then the timed run.
+    optimise(
+        &case,
+        &labels,
+        &OptimisationConfig {
+            iterations: 5,
+            ..config.clone()
+        },
+        |_, _| {},
+    )?;
+    let t = Instant::now();
+    optimise(&case, &labels, &config, |_, _| {})?;
+    let ours = args.iterations as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "mjpfl  IG+PE {} batch 1 (flex, finite-difference HVP): {ours:.1} it/s",
+        args.preset
+    );
+    if args.python == "none" {
+        return Ok(());
+    }
+    match run_reference(
+        &args.python,
+        "reference_attack.py",
+        &[
+            "--preset",
+            &args.preset,
+            "--iterations",
+            &args.iterations.to_string(),
+        ],
+    )
+    .and_then(|v| v["its_per_sec"].as_f64().context("no its_per_sec"))
+    {
+        Ok(theirs) => {
+            println!(
+                "torch  IG+PE {} batch 1 (cpu, exact double backward): {theirs:.1} it/s",
+                args.preset
+            );
+            println!("ratio mjpfl/torch speed = {:.2}x", ours / theirs);
+        }
+        Err(e) => println!("reference skipped: {e:#}"),
+    }
+    Ok(())
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -168,4 +312,244 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
     let mean = v.iter().sum::<f64>() / n;
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
     (mean, var.sqrt())
+}
+
+/// Kills the child coordinator however the benchmark ends.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Peak resident set size of a process in bytes (Linux `VmHWM`).
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading /proc/<pid>/status (peak RSS needs Linux)")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/<pid>/status")?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("unreadable VmHWM")?;
+    Ok(kb * 1024)
+}
+
+fn aggregate(args: AggregateArgs) -> Result<()> {
+    use mjpfl_coordinator::CoordinatorConfig;
+    use mjpfl_proto::{convert, v1};
+
+    anyhow::ensure!(args.updates >= 1, "--updates must be at least 1");
+    let config_vit = mjp::VitConfig::preset(&args.preset)?;
+    let dir = tempfile_dir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut config = CoordinatorConfig::default();
+    config.model.preset = args.preset.clone();
+    config.model.pe = PeMode::Learned;
+    config.federation.rounds = 2; // round 2 keeps the coordinator alive while we read its RSS
+    config.federation.min_clients = args.updates as u32;
+    config.federation.clients_per_round = args.updates as u32;
+    config.federation.min_fit = args.updates as u32;
+    config.federation.round_deadline_secs = 3600.0;
+    config.data.skip_eval = true;
+    config.partition = mjpfl_client::partition::PartitionScheme::Iid {
+        count: args.updates as u32,
+    };
+    config.training.update_kind = mjp::fl::UpdateKind::FedAvg;
+    config.server.listen = format!("127.0.0.1:{port}");
+    let config_path = dir.join("bench-aggregate.toml");
+    std::fs::write(&config_path, config.to_toml())?;
+    let child = Command::new(std::env::current_exe()?)
+        .arg("coordinator")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .context("starting the coordinator child process")?;
+    let child = ChildGuard(child);
+    let pid = child.0.id();
+    let endpoint = format!("http://127.0.0.1:{port}");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (n, model_bytes, wire_secs, rss_idle) = runtime.block_on(async {
+        let channel = {
+            let start = Instant::now();
+            loop {
+                match mjpfl_client::connection::connect(&endpoint).await {
+                    Ok(c) => break c,
+                    Err(_) if start.elapsed().as_secs() < 60 => {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                    }
+                    Err(e) => return Err(anyhow::anyhow!("coordinator did not come up: {e}")),
+                }
+            }
+        };
+        let rss_idle = peak_rss(pid)?;
+        let mut clients = Vec::new();
+        for i in 0..args.updates {
+            let mut c = mjpfl_client::connection::federation_client(channel.clone());
+            let r = c
+                .join(v1::JoinRequest {
+                    client_name: format!("bench-{i}"),
+                    capabilities: Some(v1::Capabilities {
+                        device: "bench".into(),
+                        num_examples: 100,
+                        audit: false,
+                    }),
+                    join_secret: config.federation.join_secret.clone(),
+                    partition_hint: i as i32,
+                    previous_session_token: String::new(),
+                })
+                .await?
+                .into_inner();
+            clients.push((c, r.session_token));
+        }
+        let mut tasks = Vec::new();
+        for (c, token) in &mut clients {
+            loop {
+                let t = c
+                    .get_task(v1::GetTaskRequest {
+                        session_token: token.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                match t.kind {
+                    Some(v1::task::Kind::Train(t)) => {
+                        tasks.push(t);
+                        break;
+                    }
+                    Some(v1::task::Kind::Wait(_)) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                    }
+                    other => anyhow::bail!("unexpected task {other:?}"),
+                }
+            }
+        }
+        let (c0, token0) = &mut clients[0];
+        let stream = c0
+            .download_model(v1::DownloadModelRequest {
+                session_token: token0.clone(),
+                model_version: tasks[0].model_version,
+            })
+            .await?
+            .into_inner();
+        let mut tensors =
+            mjpfl_client::connection::receive_model(stream, tasks[0].model_version).await?;
+        tensors.scale(0.01);
+        let model_bytes = tensors.numel() * 4;
+        let chunks = convert::chunk_tensors(&tensors, mjpfl_proto::MAX_CHUNK_BYTES);
+        let update = mjp::fl::ModelUpdate {
+            round: tasks[0].round,
+            model_version: tasks[0].model_version,
+            kind: mjp::fl::UpdateKind::FedAvg,
+            batch_size: 32,
+            num_examples: 100,
+            local_steps: 1,
+            metrics: Default::default(),
+            tensors,
+        };
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+        let chunks = std::sync::Arc::new(chunks);
+        let start = Instant::now();
+        let mut uploads = tokio::task::JoinSet::new();
+        for (c, token) in clients {
+            let header = convert::update_header(&update, &token);
+            let (chunks, permits) = (chunks.clone(), permits.clone());
+            let mut c = c;
+            uploads.spawn(async move {
+                let _p = permits.acquire_owned().await?;
+                // Chunks are cloned lazily, one at a time, as the stream is sent.
+                let n = chunks.len();
+                let messages = std::iter::once(v1::update_message::Kind::Header(header))
+                    .chain((0..n).map(move |i| v1::update_message::Kind::Chunk(chunks[i].clone())))
+                    .map(|k| v1::UpdateMessage { kind: Some(k) });
+                c.submit_update(tokio_stream::iter(messages)).await?;
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = uploads.join_next().await {
+            r??;
+        }
+        // Accepted means folded; wait for the commit (aggregate + checkpoint) too.
+        let mut status_client = mjpfl_client::connection::federation_client(channel.clone());
+        loop {
+            let s = status_client
+                .status(v1::StatusRequest {})
+                .await?
+                .into_inner();
+            if s.model_version >= 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        anyhow::Ok((args.updates, model_bytes, secs, rss_idle))
+    })?;
+    let rss = peak_rss(pid)?;
+    drop(child);
+
+    // Reference: the same fold in memory, no wire, no validation.
+    let params = Vit::new(&config_vit, Seed(0), &mjp::DeviceSpec::Flex.device()?);
+    let tensors = mjp::NamedTensors::from_module(&params);
+    let start = Instant::now();
+    let mut acc = mjpfl_coordinator::aggregate::Aggregator::new(
+        mjpfl_coordinator::aggregate::AggregatorKind::Mean,
+        &tensors.manifest(),
+    );
+    for _ in 0..n {
+        acc.fold(&tensors, 100.0);
+    }
+    let mean = acc.finish().context("empty fold")?;
+    let mem_secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(mean);
+
+    let gb = (n * model_bytes) as f64 / 1e9;
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    let target = 3 * model_bytes as u64 + (100 << 20);
+    println!(
+        "aggregate {}: {n} updates of {:.1} MB ({} params) over gRPC, {} in flight",
+        args.preset,
+        model_bytes as f64 / 1e6,
+        model_bytes / 4,
+        args.concurrency
+    );
+    println!(
+        "  wire:      {wire_secs:.2} s, {:.2} GB/s (receive, checksum, validate, fold, commit)",
+        gb / wire_secs
+    );
+    println!(
+        "  in memory: {mem_secs:.2} s, {:.2} GB/s (reference: the fold alone)",
+        gb / mem_secs
+    );
+    println!(
+        "  ratio wire/in-memory throughput = {:.2}",
+        mem_secs / wire_secs
+    );
+    println!(
+        "  coordinator peak RSS {:.1} MiB (idle {:.1} MiB); target 3 x model + 100 MiB = {:.1} MiB: {}",
+        mb(rss),
+        mb(rss_idle),
+        mb(target),
+        if rss <= target { "OK" } else { "OVER" }
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("mjpfl-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -82,6 +82,12 @@ pub struct FederationOverrides {
     /// Listen address of the coordinator.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Shared secret clients present to join.
+    #[arg(long, env = "MJPFL_JOIN_SECRET")]
+    pub join_secret: Option<String>,
+    /// Token of the observer (adversary) endpoint.
+    #[arg(long, env = "MJPFL_OBSERVER_TOKEN")]
+    pub observer_token: Option<String>,
 }
 
 impl FederationOverrides {
@@ -170,6 +176,12 @@ impl FederationOverrides {
         if let Some(v) = &self.listen {
             c.server.listen = v.clone();
         }
+        if let Some(v) = &self.join_secret {
+            c.federation.join_secret = v.clone();
+        }
+        if let Some(v) = &self.observer_token {
+            c.federation.observer_token = v.clone();
+        }
         c.validate()?;
         Ok(c)
     }
@@ -221,7 +233,7 @@ pub struct ClientArgs {
     reconnect_for: f64,
 }
 
-async fn ctrl_c_or_term() {
+pub async fn ctrl_c_or_term() {
     #[cfg(unix)]
     {
         let mut term =
@@ -251,10 +263,53 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let config = args.overrides.resolve()?;
+    let run_dir = args.run_dir.clone();
     runtime()?.block_on(async move {
-        let coordinator = Coordinator::start(config, &args.run_dir).await?;
+        let coordinator = Coordinator::start(config, &run_dir).await?;
         println!("coordinator listening on {}", coordinator.addr);
         coordinator.run_until(ctrl_c_or_term()).await?;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // Whether finished or stopped, the report reflects what is committed on disk.
+    crate::report::write_run_report(&args.run_dir)?;
+    println!("report {}", args.run_dir.join("report.md").display());
+    Ok(())
+}
+
+/// Arguments of `mjpfl status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Coordinator address.
+    #[arg(
+        long,
+        env = "MJPFL_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+}
+
+/// `mjpfl status`: one Status call; exit status 0 when the coordinator answers (healthchecks).
+pub fn status(args: StatusArgs) -> Result<()> {
+    runtime()?.block_on(async move {
+        let channel = mjpfl_client::connection::connect(&args.coordinator).await?;
+        let s = mjpfl_client::connection::federation_client(channel)
+            .status(mjpfl_proto::v1::StatusRequest {})
+            .await
+            .map_err(|e| anyhow::anyhow!("Status: {e}"))?
+            .into_inner();
+        let last = s.history.last();
+        println!(
+            "{}: round {}/{}, model version {}, {} clients connected{}",
+            s.phase,
+            s.round,
+            s.total_rounds,
+            s.model_version,
+            s.connected_clients,
+            last.map_or(String::new(), |r| format!(
+                ", last test accuracy {:.4}",
+                r.test_accuracy
+            ))
+        );
         Ok(())
     })
 }
@@ -395,11 +450,11 @@ pub async fn run_simulation(
         Some(args) => {
             let vit = federation.vit().clone();
             let mean = crate::adversary::public_mean_image(&dataset, &data_dir, &vit);
-            let (tx, worker) = crate::adversary::spawn_worker(vit, args.config(out, mean)?);
+            let (queue, worker) = crate::adversary::spawn_worker(vit, args.config(out, mean)?);
             let feeder = tokio::spawn(crate::adversary::feed_in_process(
                 federation.clone(),
                 federation.tap().subscribe(),
-                tx,
+                queue,
                 stop_rx.clone(),
             ));
             Some((feeder, worker))

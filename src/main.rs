@@ -9,7 +9,9 @@ mod attack;
 mod bench;
 mod common;
 mod federate;
+mod plots;
 mod report;
+mod sweep;
 mod train;
 
 use anyhow::Result;
@@ -37,12 +39,18 @@ enum Command {
     Coordinator(federate::CoordinatorArgs),
     /// Run one training client against a coordinator.
     Client(federate::ClientArgs),
+    /// Ask a coordinator where it stands (exit status 0 when it answers).
+    Status(federate::StatusArgs),
     /// Run the honest-but-curious adversary against a coordinator's observer endpoint.
     Adversary(adversary::AdversaryArgs),
     /// Attack one saved update, or updates made from real images, offline.
     Attack(attack::AttackCmdArgs),
     /// Centralised training of an MJP-ViT with per-epoch clean/jigsaw accuracy and consistency.
     Train(train::TrainArgs),
+    /// A grid of federations with attacks: privacy/utility tables and plots.
+    Sweep(sweep::SweepArgs),
+    /// Regenerate report.md (and plots) of a run or sweep directory from what is on disk.
+    Report(report::ReportArgs),
     /// Benchmarks (train-step speed against a PyTorch reference measured in the same run).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -55,9 +63,12 @@ fn main() {
         Command::Simulate(args) => federate::simulate(args),
         Command::Coordinator(args) => federate::coordinator(args),
         Command::Client(args) => federate::client(args),
+        Command::Status(args) => federate::status(args),
         Command::Adversary(args) => adversary::run(args),
         Command::Attack(args) => attack::run(args),
         Command::Train(args) => train::run(args),
+        Command::Sweep(args) => sweep::run(args),
+        Command::Report(args) => report::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(err) = result {

@@ -17,7 +17,7 @@ use crate::april::{ClosedFormVariant, closed_form};
 use crate::case::AttackCase;
 use crate::error::{AttackError, Result};
 use crate::labels::{mean_probabilities, recover_labels};
-use crate::optimise::{OptimisationConfig, optimise};
+use crate::optimise::OptimisationConfig;
 use crate::render::{Column, write_grid};
 use crate::scoring::{AttackScores, GroundTruth, score_attack};
 
@@ -100,7 +100,7 @@ pub struct AdversaryConfig {
     pub attacks: Vec<AttackSpec>,
     /// Attack at most this many updates per round (0 = all).
     pub max_per_round: usize,
-    /// Attack only every n-th round (1 = every round).
+    /// Attack round 1 and every n-th round (1 = every round).
     pub every_rounds: u32,
     /// The run's attacks/ directory.
     pub out_dir: PathBuf,
@@ -183,11 +183,46 @@ pub struct RoundAttackSummary {
     pub shuffle_ratio: f64,
 }
 
+/// Which intercepted updates get attacked: round 1 (the model at initialisation) and every n-th
+/// round, at most `max_per_round` per round. Applied where updates come off the tap, so that
+/// updates nobody will attack never queue behind a slow attack (and never count as dropped).
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    every_rounds: u32,
+    max_per_round: usize,
+    attacked_this_round: BTreeMap<u32, usize>,
+}
+
+impl Sampler {
+    /// The sampling rule of `config`.
+    pub fn new(config: &AdversaryConfig) -> Self {
+        Self {
+            every_rounds: config.every_rounds.max(1),
+            max_per_round: config.max_per_round,
+            attacked_this_round: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `observed` is selected for attack (and counts it).
+    pub fn select(&mut self, observed: &ObservedUpdate) -> bool {
+        let round = observed.update.round;
+        let due = round == 1 || round.is_multiple_of(self.every_rounds);
+        if !observed.accepted || !due {
+            return false;
+        }
+        let n = self.attacked_this_round.entry(round).or_insert(0);
+        if self.max_per_round > 0 && *n >= self.max_per_round {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+}
+
 /// The adversary: stateless per update apart from per-round bookkeeping.
 pub struct Adversary {
     config: AdversaryConfig,
     vit: VitConfig,
-    attacked_this_round: BTreeMap<u32, usize>,
     pending: BTreeMap<u32, Vec<UpdateRecord>>,
     probs: Option<(u64, Vec<f64>)>,
 }
@@ -198,24 +233,9 @@ impl Adversary {
         Self {
             config,
             vit,
-            attacked_this_round: BTreeMap::new(),
             pending: BTreeMap::new(),
             probs: None,
         }
-    }
-
-    /// Whether `observed` is selected for attack (and counts it).
-    pub fn select(&mut self, observed: &ObservedUpdate) -> bool {
-        let round = observed.update.round;
-        if !observed.accepted || !round.is_multiple_of(self.config.every_rounds.max(1)) {
-            return false;
-        }
-        let n = self.attacked_this_round.entry(round).or_insert(0);
-        if self.config.max_per_round > 0 && *n >= self.config.max_per_round {
-            return false;
-        }
-        *n += 1;
-        true
     }
 
     /// Attacks one update computed from `global`, writes its record and picture, returns it.
@@ -240,10 +260,19 @@ impl Adversary {
                 AttackSpec::ClosedForm { variant, .. } => {
                     closed_form(&case, *variant).map(|r| (r.image, None))
                 }
-                AttackSpec::Optimisation { config, .. } => {
-                    optimise(&case, &labels, config, |_, _| {})
-                        .map(|o| (o.images, Some(o.objective)))
-                }
+                AttackSpec::Optimisation { config, .. } => crate::optimise::optimise_from(
+                    &case,
+                    &labels,
+                    config,
+                    self.config
+                        .mean_image
+                        .as_ref()
+                        .filter(|m| config.init_mean_image && m.len() == per)
+                        .map(|m| m.repeat(case.batch_size))
+                        .as_deref(),
+                    |_, _| {},
+                )
+                .map(|o| (o.images, Some(o.objective))),
                 AttackSpec::MeanImage { .. } => match &self.config.mean_image {
                     Some(m) if m.len() == per => Ok((m.repeat(case.batch_size), None)),
                     _ => Err(AttackError::NotApplicable("no public mean image".into())),

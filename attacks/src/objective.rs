@@ -20,22 +20,52 @@ pub enum Matching {
 pub struct Objective {
     /// Main term.
     pub matching: Matching,
-    /// Weight of the extra `1 - cos(g_pe, t_pe)` term (0 disables).
+    /// Weight of the extra `1 - cos` term on the PE gradient of the patch positions (0
+    /// disables).
     pub pe_weight: f64,
+    /// Weight of an extra `1 - cos` term on the patch-embedding weight gradient
+    /// (`sum_i p_i g_i^T`, the other half of the closed-form attack; 0 disables).
+    #[serde(default)]
+    pub embed_weight: f64,
 }
+
+/// Name of the patch-embedding weight in the gradient.
+pub const EMBED: &str = "patch_embed.proj.weight";
 
 /// Name of the PE table in the gradient.
 pub const PE: &str = "pos_embed";
 
+/// A part of a gradient: one tensor, or a contiguous range of its values.
+struct Part {
+    tensor: usize,
+    range: std::ops::Range<usize>,
+}
+
 impl Objective {
-    /// Value and `d value / d g` for candidate gradient `g` against target `t`.
-    pub fn evaluate(&self, g: &NamedTensors, t: &NamedTensors) -> (f64, NamedTensors) {
+    /// Value and `d value / d g` for candidate gradient `g` against target `t`. `patch_rows`
+    /// are the rows of the PE table that belong to patch positions (`1..=N`): the cls row
+    /// duplicates the cls-token gradient and would dominate the PE term, and the unk row is not
+    /// a position.
+    pub fn evaluate(
+        &self,
+        g: &NamedTensors,
+        t: &NamedTensors,
+        patch_rows: std::ops::Range<usize>,
+    ) -> (f64, NamedTensors) {
         let mut dg = g.clone();
         dg.scale(0.0);
         let value = match self.matching {
             Matching::Cosine => {
-                let names: Vec<String> = g.tensors().iter().map(|x| x.name.clone()).collect();
-                cosine_term(g, t, &mut dg, &names, 1.0)
+                let all: Vec<Part> = g
+                    .tensors()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| Part {
+                        tensor: i,
+                        range: 0..x.data.len(),
+                    })
+                    .collect();
+                cosine_term(g, t, &mut dg, &all, 1.0)
             }
             Matching::L2 => {
                 let mut v = 0.0;
@@ -53,45 +83,60 @@ impl Objective {
                 v
             }
         };
-        let pe = if self.pe_weight > 0.0 && g.get(PE).is_some() {
-            cosine_term(g, t, &mut dg, &[PE.to_string()], self.pe_weight)
-        } else {
-            0.0
+        let pe = match g.tensors().iter().position(|x| x.name == PE) {
+            Some(i) if self.pe_weight > 0.0 => {
+                let d = g.tensors()[i].shape.get(1).copied().unwrap_or(1);
+                let part = Part {
+                    tensor: i,
+                    range: patch_rows.start * d..patch_rows.end * d,
+                };
+                cosine_term(g, t, &mut dg, &[part], self.pe_weight)
+            }
+            _ => 0.0,
         };
-        (value + pe, dg)
+        let embed = match g.tensors().iter().position(|x| x.name == EMBED) {
+            Some(i) if self.embed_weight > 0.0 => {
+                let part = Part {
+                    tensor: i,
+                    range: 0..g.tensors()[i].data.len(),
+                };
+                cosine_term(g, t, &mut dg, &[part], self.embed_weight)
+            }
+            _ => 0.0,
+        };
+        (value + pe + embed, dg)
     }
 }
 
-/// Adds `w * (1 - cos)` over the tensors named in `names` to `dg`; returns its value.
+/// Adds `w * (1 - cos)` over the selected parts to `dg`; returns its value.
 fn cosine_term(
     g: &NamedTensors,
     t: &NamedTensors,
     dg: &mut NamedTensors,
-    names: &[String],
+    parts: &[Part],
     w: f64,
 ) -> f64 {
-    let pick = |x: &NamedTensors| -> Vec<(usize, Vec<f64>)> {
-        x.tensors()
+    let slice = |x: &NamedTensors, p: &Part| -> Vec<f64> {
+        x.tensors()[p.tensor].data[p.range.clone()]
             .iter()
-            .enumerate()
-            .filter(|(_, n)| names.contains(&n.name))
-            .map(|(i, n)| (i, n.data.iter().map(|v| f64::from(*v)).collect()))
+            .map(|v| f64::from(*v))
             .collect()
     };
-    let (gs, ts) = (pick(g), pick(t));
+    let gs: Vec<Vec<f64>> = parts.iter().map(|p| slice(g, p)).collect();
+    let ts: Vec<Vec<f64>> = parts.iter().map(|p| slice(t, p)).collect();
     let dot: f64 = gs
         .iter()
         .zip(&ts)
-        .map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>())
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>())
         .sum();
     let gn = gs
         .iter()
-        .map(|(_, a)| a.iter().map(|x| x * x).sum::<f64>())
+        .map(|a| a.iter().map(|x| x * x).sum::<f64>())
         .sum::<f64>()
         .sqrt();
     let tn = ts
         .iter()
-        .map(|(_, b)| b.iter().map(|x| x * x).sum::<f64>())
+        .map(|b| b.iter().map(|x| x * x).sum::<f64>())
         .sum::<f64>()
         .sqrt();
     if gn == 0.0 || tn == 0.0 {
@@ -99,8 +144,8 @@ fn cosine_term(
     }
     let cos = dot / (gn * tn);
     // d(1 - cos)/dg = -(t / (|g||t|) - cos * g / |g|^2)
-    for ((i, a), (_, b)) in gs.iter().zip(&ts) {
-        let d = &mut dg.tensors_mut()[*i].data;
+    for ((p, a), b) in parts.iter().zip(&gs).zip(&ts) {
+        let d = &mut dg.tensors_mut()[p.tensor].data[p.range.clone()];
         for k in 0..a.len() {
             d[k] += (w * -(b[k] / (gn * tn) - cos * a[k] / (gn * gn))) as f32;
         }
@@ -116,7 +161,7 @@ mod tests {
     fn nt(a: &[f32], b: &[f32]) -> NamedTensors {
         NamedTensors::new(vec![
             NamedTensor {
-                name: "w".into(),
+                name: EMBED.into(),
                 shape: vec![a.len()],
                 data: a.to_vec(),
             },
@@ -136,17 +181,20 @@ mod tests {
             Objective {
                 matching: Matching::Cosine,
                 pe_weight: 0.0,
+                embed_weight: 0.0,
             },
             Objective {
                 matching: Matching::Cosine,
                 pe_weight: 0.7,
+                embed_weight: 0.3,
             },
             Objective {
                 matching: Matching::L2,
                 pe_weight: 0.5,
+                embed_weight: 0.0,
             },
         ] {
-            let (_, d) = obj.evaluate(&g, &t);
+            let (_, d) = obj.evaluate(&g, &t, 0..2);
             for ti in 0..2 {
                 for k in 0..g.tensors()[ti].data.len() {
                     let h = 1e-3f32;
@@ -154,7 +202,7 @@ mod tests {
                     plus.tensors_mut()[ti].data[k] += h;
                     let mut minus = g.clone();
                     minus.tensors_mut()[ti].data[k] -= h;
-                    let fd = (obj.evaluate(&plus, &t).0 - obj.evaluate(&minus, &t).0)
+                    let fd = (obj.evaluate(&plus, &t, 0..2).0 - obj.evaluate(&minus, &t, 0..2).0)
                         / (2.0 * f64::from(h));
                     let an = f64::from(d.tensors()[ti].data[k]);
                     assert!(

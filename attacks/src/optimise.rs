@@ -43,6 +43,9 @@ pub struct OptimisationConfig {
     pub adaptive: bool,
     /// Finite-difference scale in parameter space (`e = fd_scale / |v|`).
     pub fd_scale: f64,
+    /// Start from the public dataset-mean image (plus noise) instead of pure noise.
+    #[serde(default)]
+    pub init_mean_image: bool,
 }
 
 impl Default for OptimisationConfig {
@@ -57,16 +60,18 @@ impl OptimisationConfig {
         Self {
             objective: Objective {
                 matching: Matching::Cosine,
-                pe_weight: if pe_term { 1.0 } else { 0.0 },
+                pe_weight: if pe_term { 30.0 } else { 0.0 },
+                embed_weight: 0.0,
             },
-            tv_weight: 0.01,
-            iterations: 500,
-            lr: 0.1,
+            tv_weight: 1e-4,
+            iterations: 1000,
+            lr: 0.035,
             signed: true,
             restarts: 1,
             seed: 0,
             adaptive: false,
             fd_scale: 1e-3,
+            init_mean_image: true,
         }
     }
 
@@ -75,7 +80,8 @@ impl OptimisationConfig {
         Self {
             objective: Objective {
                 matching: Matching::L2,
-                pe_weight: if pe_term { 1.0 } else { 0.0 },
+                pe_weight: if pe_term { 10.0 } else { 0.0 },
+                embed_weight: 0.0,
             },
             tv_weight: 0.0,
             lr: 0.05,
@@ -157,6 +163,18 @@ pub fn optimise(
     case: &AttackCase,
     labels: &[u32],
     config: &OptimisationConfig,
+    progress: impl FnMut(usize, f64),
+) -> Result<Optimised> {
+    optimise_from(case, labels, config, None, progress)
+}
+
+/// [`optimise`] from a given starting image (every restart starts there plus fresh noise of the
+/// normal initialisation scaled by 0.1), or from breaching's initialisation when `None`.
+pub fn optimise_from(
+    case: &AttackCase,
+    labels: &[u32],
+    config: &OptimisationConfig,
+    start: Option<&[f32]>,
     mut progress: impl FnMut(usize, f64),
 ) -> Result<Optimised> {
     let started = Instant::now();
@@ -173,14 +191,25 @@ pub fn optimise(
     let iters = config.iterations.max(1);
     let milestones = [iters * 3 / 8, iters * 5 / 8, iters * 7 / 8];
     for _restart in 0..config.restarts.max(1) {
+        // breaching's initialisation: standard normal in the model's normalised input space.
         let mut x: Vec<f32> = (0..b * per)
-            .map(|_| (0.5 + 0.2 * gaussian(&mut rng)).clamp(0.0, 1.0) as f32)
+            .map(|k| {
+                let ch = (k % per) / (s * s);
+                let (m, sd) = (f64::from(vit.mean[ch]), f64::from(vit.std[ch]));
+                let noise = sd * gaussian(&mut rng);
+                match start {
+                    Some(x0) => (f64::from(x0[k]) + 0.1 * noise).clamp(0.0, 1.0) as f32,
+                    None => (m + noise).clamp(0.0, 1.0) as f32,
+                }
+            })
             .collect();
         let (mut m, mut v2) = (vec![0f64; x.len()], vec![0f64; x.len()]);
         let mut restart_best: Option<(f64, Vec<f32>)> = None;
         for it in 0..iters {
             let g = victim.parameter_gradient(&x, labels, plan.as_ref());
-            let (matching, dg) = config.objective.evaluate(&g, &target);
+            let (matching, dg) = config
+                .objective
+                .evaluate(&g, &target, 1..1 + vit.num_patches());
             if restart_best.as_ref().is_none_or(|(f, _)| matching < *f) {
                 restart_best = Some((matching, x.clone()));
             }
@@ -213,10 +242,15 @@ pub fn optimise(
                 let vh = v2[k] / (1.0 - 0.999f64.powi(t));
                 x[k] = ((f64::from(x[k]) - lr * mh / (vh.sqrt() + 1e-8)).clamp(0.0, 1.0)) as f32;
             }
+            if it % 50 == 0 {
+                tracing::debug!("attack iteration {it}: matching objective {matching:.6}, lr {lr}");
+            }
             progress(it, matching);
         }
         let g = victim.parameter_gradient(&x, labels, plan.as_ref());
-        let (last, _) = config.objective.evaluate(&g, &target);
+        let (last, _) = config
+            .objective
+            .evaluate(&g, &target, 1..1 + vit.num_patches());
         if restart_best.as_ref().is_none_or(|(f, _)| last < *f) {
             restart_best = Some((last, x));
         }

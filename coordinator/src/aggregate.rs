@@ -56,7 +56,7 @@ impl Aggregator {
     }
 
     /// Folds in one validated update (tensors in manifest order) with its weight.
-    pub fn fold(&mut self, update: NamedTensors, weight: f64) {
+    pub fn fold(&mut self, update: &NamedTensors, weight: f64) {
         debug_assert_eq!(update.manifest(), self.manifest);
         match self.kind {
             AggregatorKind::Mean => {
@@ -67,7 +67,8 @@ impl Aggregator {
                     }
                 }
             }
-            _ => self.held.push(update),
+            // Robust aggregators need every update at once (O(clients x model) by nature).
+            _ => self.held.push(update.clone()),
         }
         self.weight += weight;
         self.count += 1;
@@ -272,17 +273,17 @@ mod tests {
     fn weighted_mean_median_trimmed() {
         let m = nt(&[0.0, 0.0]).manifest();
         let mut a = Aggregator::new(AggregatorKind::Mean, &m);
-        a.fold(nt(&[1.0, 2.0]), 1.0);
-        a.fold(nt(&[4.0, 8.0]), 3.0);
+        a.fold(&nt(&[1.0, 2.0]), 1.0);
+        a.fold(&nt(&[4.0, 8.0]), 3.0);
         assert_eq!(a.finish().unwrap().tensors()[0].data, vec![3.25, 6.5]);
         let mut a = Aggregator::new(AggregatorKind::Median, &m);
         for v in [[1.0, 100.0], [2.0, -5.0], [3.0, 0.0]] {
-            a.fold(nt(&v), 1.0);
+            a.fold(&nt(&v), 1.0);
         }
         assert_eq!(a.finish().unwrap().tensors()[0].data, vec![2.0, 0.0]);
         let mut a = Aggregator::new(AggregatorKind::TrimmedMean { fraction: 0.25 }, &m);
         for v in [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [1000.0, 0.0]] {
-            a.fold(nt(&v), 1.0);
+            a.fold(&nt(&v), 1.0);
         }
         assert_eq!(a.finish().unwrap().tensors()[0].data, vec![2.5, 0.0]);
         assert!(Aggregator::new(AggregatorKind::Mean, &m).finish().is_none());

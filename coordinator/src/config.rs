@@ -132,6 +132,9 @@ pub struct DataSection {
     /// Measure the jigsaw metrics on the first N test images (0 = all); clean accuracy always
     /// uses the whole test set (or `test_limit`).
     pub eval_jigsaw_limit: usize,
+    /// Evaluate the global model every n-th round (and always after the first and the last);
+    /// 1 = every round.
+    pub eval_every: u32,
     /// Skip evaluation (benchmarks).
     pub skip_eval: bool,
 }
@@ -144,6 +147,7 @@ impl Default for DataSection {
             test_limit: 0,
             eval_jigsaw_metrics: true,
             eval_jigsaw_limit: 500,
+            eval_every: 1,
             skip_eval: false,
         }
     }

@@ -380,7 +380,14 @@ impl Federation {
                 .find(|p| !taken.contains(p))
                 .unwrap_or((s.next_client % u64::from(count)) as u32)
         };
-        let id = format!("client-{:03}", s.next_client);
+        // Ids follow the data partition, so the same client keeps its name across coordinator
+        // restarts and sweep cells (a second client on the same partition gets a suffix).
+        let base = format!("client-{partition:03}");
+        let id = if s.clients.contains_key(&base) {
+            format!("{base}-{}", s.next_client)
+        } else {
+            base
+        };
         s.next_client += 1;
         let token = new_token();
         s.tokens.insert(token.clone(), id.clone());
@@ -644,9 +651,9 @@ impl Federation {
                 e.1 += 1;
             }
         }
-        // The tap gets the update exactly as received; the aggregate gets its own copy.
+        // The tap gets the update exactly as received; the mean folds it without a copy.
         r.aggregator
-            .fold(update.tensors.clone(), update.num_examples as f64);
+            .fold(&update.tensors, update.num_examples as f64);
         let received = r.submitted.len() as u32;
         drop(s);
         self.tap.publish(observed(true, update));
@@ -845,7 +852,15 @@ impl Federation {
                 open.round
             ))
         })?;
-        let test = self.evaluate(&new_global)?;
+        let every = self.config.data.eval_every.max(1);
+        let due = open.round == 1
+            || open.round.is_multiple_of(every)
+            || open.round >= self.config.federation.rounds;
+        let test = if due {
+            self.evaluate(&new_global)?
+        } else {
+            None
+        };
         let version = open.version + 1;
         self.run_dir.save_model(version, &new_global, &self.vit)?;
         let record = RoundRecord {

@@ -85,13 +85,16 @@ impl Coordinator {
             driver,
             shutdown,
             server,
+            federation,
             ..
         } = self;
         let outcome = driver
             .await
             .map_err(|e| CoordinatorError::Config(format!("round driver panicked: {e}")))?;
-        // Give clients a moment to hear "finished" before the listener closes.
+        // Give clients a moment to hear "finished" before the listener closes; end the observer
+        // streams so the server's graceful shutdown does not wait on them.
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        federation.tap().close();
         let _ = shutdown.send(true);
         let _ = server.await;
         outcome
@@ -99,6 +102,7 @@ impl Coordinator {
 
     /// Stops now: the open round (if any) is abandoned; committed rounds are on disk.
     pub async fn shutdown(self) -> Result<()> {
+        self.federation.tap().close();
         let _ = self.shutdown.send(true);
         let driver = self.driver.await;
         let _ = self.server.await;

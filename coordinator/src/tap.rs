@@ -74,6 +74,11 @@ impl Tap {
         }
     }
 
+    /// Ends every observer's stream (the federation is over or shutting down).
+    pub fn close(&self) {
+        self.subscribers.lock().expect("tap lock").clear();
+    }
+
     /// Number of live observers.
     pub fn observers(&self) -> usize {
         self.subscribers

@@ -641,6 +641,16 @@ MALFORMED_EXPECTED = {
 }
 
 
+def malformed_modes(text: str) -> list[str]:
+    """Parses ``--malformed nan,crc``: a comma-separated list of MALFORMED_EXPECTED keys."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MALFORMED_EXPECTED]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {unknown or text!r}; choose from {sorted(MALFORMED_EXPECTED)}")
+    return modes
+
+
 class Client:
     """One federated client session: join, poll, download, train, submit."""
 
@@ -901,8 +911,11 @@ class Client:
         return accepted
 
     def send_malformed(self, task, update: LocalUpdate) -> int:
+        """Sends one damaged update per --malformed mode; 0 if each was refused as expected."""
+        return max(self.send_one_malformed(task, update, mode) for mode in self.args.malformed)
+
+    def send_one_malformed(self, task, update: LocalUpdate, mode: str) -> int:
         """Sends one damaged update; 0 if refused with the expected status code."""
-        mode = self.args.malformed
         expected = MALFORMED_EXPECTED[mode]
         try:
             reply = self.submit(task, update, malformed=mode)
@@ -1011,8 +1024,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(compare with the coordinator's rounds.jsonl; 0 disables)")
     ap.add_argument("--reconnect-for", type=float, default=30.0,
                     help="seconds to keep retrying an unreachable coordinator before giving up")
-    ap.add_argument("--malformed", choices=sorted(MALFORMED_EXPECTED),
-                    help="send one deliberately bad update and check the refusal code")
+    ap.add_argument("--malformed", type=malformed_modes, metavar="MODE[,MODE...]",
+                    help="send deliberately bad updates (one per mode, in order; modes: "
+                    + ", ".join(sorted(MALFORMED_EXPECTED)) + ") and check each refusal code")
     ap.add_argument("--self-test", action="store_true",
                     help="check the NumPy backward against finite differences and exit")
     args = ap.parse_args(argv)

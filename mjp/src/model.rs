@@ -198,6 +198,22 @@ impl<R: Rng> Init<'_, R> {
             )),
         }
     }
+
+    /// timm leaves its patch-embedding convolution at PyTorch's default initialisation:
+    /// weight and bias uniform in `±1/sqrt(fan_in)`.
+    fn conv_default(&mut self, d_in: usize, d_out: usize) -> Linear {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let mut uniform = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((self.rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
+        let (w, b) = (uniform(d_in * d_out), uniform(d_out));
+        Linear {
+            weight: Param::from_data(TensorData::new(w, [d_in, d_out]), self.device),
+            bias: Some(Param::from_data(TensorData::new(b, [d_out]), self.device)),
+        }
+    }
 }
 
 impl Vit {
@@ -236,7 +252,7 @@ impl Vit {
         });
         Self {
             patch_embed: PatchEmbed {
-                proj: init.linear(config.patch_dim(), d),
+                proj: init.conv_default(config.patch_dim(), d),
             },
             cls_token: init.param2(1, d, 1e-6),
             pos_embed: config

@@ -18,14 +18,16 @@ use crate::seed::Seed;
 
 /// Which local optimiser a trainer uses.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind")]
 pub enum OptimizerKind {
     /// AdamW (betas 0.9/0.999), the centralised default.
+    #[serde(rename = "adamw")]
     AdamW {
         /// Decoupled weight decay.
         weight_decay: f64,
     },
     /// SGD with optional momentum, the usual FedAvg client optimiser.
+    #[serde(rename = "sgd")]
     Sgd {
         /// Momentum (0 disables).
         momentum: f64,

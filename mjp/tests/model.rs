@@ -6,8 +6,13 @@ use mjp::model::cross_entropy;
 use mjp::train::Batch;
 use mjp::{PeMode, Seed, Vit, VitConfig};
 
+/// The backend under test: flex, or `MJPFL_TEST_DEVICE` (scripts/check-tch.sh sets tch-cpu).
 fn device() -> Device {
-    mjp::DeviceSpec::Flex.device().unwrap().autodiff()
+    let spec: mjp::DeviceSpec = std::env::var("MJPFL_TEST_DEVICE")
+        .unwrap_or_else(|_| "flex".into())
+        .parse()
+        .unwrap();
+    spec.device().unwrap().autodiff()
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
