@@ -135,14 +135,24 @@ pub type Work = (Arc<ObservedUpdate>, Arc<NamedTensors>);
 /// The way into the attack worker: the sampling rule, applied as updates come off the tap, and a
 /// small queue of the selected updates.
 pub struct AttackQueue {
-    sampler: Sampler,
+    sampler: Sampler<Arc<ObservedUpdate>>,
     tx: std::sync::mpsc::SyncSender<Work>,
 }
 
 impl AttackQueue {
-    /// Whether the adversary attacks `observed` (counts it when it does).
-    pub fn wants(&mut self, observed: &ObservedUpdate) -> bool {
-        self.sampler.select(observed)
+    /// Takes the next update off the tap; returns the updates now chosen for attack.
+    pub fn offer(&mut self, observed: Arc<ObservedUpdate>) -> Vec<Arc<ObservedUpdate>> {
+        self.sampler.offer(observed)
+    }
+
+    /// Whether updates of `round` may be attacked (their global model is worth fetching).
+    pub fn is_due(&self, round: u32) -> bool {
+        self.sampler.is_due(round)
+    }
+
+    /// The last round's choice, when the tap has ended.
+    pub fn flush(&mut self) -> Vec<Arc<ObservedUpdate>> {
+        self.sampler.flush()
     }
 
     /// Queues a selected update; waits while the worker is busy (the tap, not the federation,
@@ -219,27 +229,33 @@ pub async fn feed_in_process(
             u = sub.updates.recv() => u,
             _ = stop.wait_for(|s| *s) => sub.updates.try_recv().ok(),
         };
-        let Some(update) = next else { break };
-        if !queue.wants(&update) {
-            continue;
-        }
-        let version = update.update.model_version;
-        let global = match cache.get(&version) {
-            Some(g) => g.clone(),
-            None => match federation.model(version) {
-                Ok(g) => {
-                    cache.retain(|v, _| *v + 2 > version);
-                    cache.insert(version, g.clone());
-                    g
-                }
-                Err(e) => {
-                    tracing::warn!("adversary: model version {version} unavailable: {e:?}");
-                    continue;
-                }
-            },
+        let ended = next.is_none();
+        let chosen = match next {
+            Some(update) => queue.offer(update),
+            None => queue.flush(),
         };
-        // The worker's queue is small: waiting here only delays the adversary, never the tap.
-        if !queue.send((update, global)).await {
+        for update in chosen {
+            let version = update.update.model_version;
+            let global = match cache.get(&version) {
+                Some(g) => g.clone(),
+                None => match federation.model(version) {
+                    Ok(g) => {
+                        cache.retain(|v, _| *v + 2 > version);
+                        cache.insert(version, g.clone());
+                        g
+                    }
+                    Err(e) => {
+                        tracing::warn!("adversary: model version {version} unavailable: {e:?}");
+                        continue;
+                    }
+                },
+            };
+            // The worker's queue is small: waiting here only delays the adversary, never the tap.
+            if !queue.send((update, global)).await {
+                return;
+            }
+        }
+        if ended {
             break;
         }
     }
@@ -300,28 +316,37 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
             .watch()
             .await
             .context("subscribing to the observer tap")?;
-        let (mut queue, worker) = {
-            // The architecture comes with the first model download.
-            let first = match updates.recv().await {
-                Some(u) => u?,
-                None => {
-                    println!("adversary: the coordinator closed the tap before any update");
-                    return Ok(());
-                }
-            };
-            let (global, vit) = observer.model(first.update.model_version).await?;
-            let vit = vit.context("the coordinator did not announce the architecture")?;
-            let mean = public_mean_image(&args.data, &args.data_dir, &vit);
-            let (mut queue, worker) = spawn_worker(vit, args.attacks.config(&args.run_dir, mean)?);
-            if queue.wants(&first) {
-                queue.send((Arc::new(first), Arc::new(global))).await;
+        // The architecture comes with the first model download.
+        let first = match updates.recv().await {
+            Some(u) => Arc::new(u?),
+            None => {
+                println!("adversary: the coordinator closed the tap before any update");
+                return Ok(());
             }
-            (queue, worker)
         };
+        let (global, vit) = observer.model(first.update.model_version).await?;
+        let vit = vit.context("the coordinator did not announce the architecture")?;
+        let mean = public_mean_image(&args.data, &args.data_dir, &vit);
+        let (mut queue, worker) = spawn_worker(vit, args.attacks.config(&args.run_dir, mean)?);
         let mut cache: HashMap<u64, Arc<NamedTensors>> = HashMap::new();
+        cache.insert(first.update.model_version, Arc::new(global));
+        let mut chosen = queue.offer(first);
         let signal = crate::federate::ctrl_c_or_term();
         tokio::pin!(signal);
         loop {
+            for u in chosen.drain(..) {
+                let v = u.update.model_version;
+                let global = match cache.get(&v) {
+                    Some(g) => g.clone(),
+                    None => {
+                        let g = Arc::new(observer.model(v).await?.0);
+                        cache.retain(|k, _| *k + 2 > v);
+                        cache.insert(v, g.clone());
+                        g
+                    }
+                };
+                queue.send((u, global)).await;
+            }
             let next = tokio::select! {
                 u = updates.recv() => u,
                 _ = &mut signal => {
@@ -329,27 +354,39 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
                     None
                 }
             };
-            let Some(u) = next else { break };
-            let u = match u {
-                Ok(u) => u,
-                Err(e) => {
+            match next {
+                Some(Ok(u)) => {
+                    // Fetch the global model of a candidate now: the choice is made when its round
+                    // is over, and after the last round the coordinator may be gone.
+                    let v = u.update.model_version;
+                    if u.accepted && queue.is_due(u.update.round) && !cache.contains_key(&v) {
+                        let g = Arc::new(observer.model(v).await?.0);
+                        cache.retain(|k, _| *k + 2 > v);
+                        cache.insert(v, g);
+                    }
+                    chosen = queue.offer(Arc::new(u));
+                }
+                Some(Err(e)) => {
                     tracing::warn!("adversary: {e}");
                     break;
                 }
-            };
-            if !queue.wants(&u) {
-                continue;
+                None => break,
             }
+        }
+        // The last round's choice (the coordinator's model store still serves its version).
+        for u in queue.flush() {
             let v = u.update.model_version;
             let global = match cache.get(&v) {
                 Some(g) => g.clone(),
-                None => {
-                    let g = Arc::new(observer.model(v).await?.0);
-                    cache.insert(v, g.clone());
-                    g
-                }
+                None => match observer.model(v).await {
+                    Ok((g, _)) => Arc::new(g),
+                    Err(e) => {
+                        tracing::warn!("adversary: model version {v} unavailable: {e}");
+                        continue;
+                    }
+                },
             };
-            queue.send((Arc::new(u), global)).await;
+            queue.send((u, global)).await;
         }
         drop(queue);
         let attacked = tokio::task::spawn_blocking(move || worker.join())

@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use mjp::data::{DataSource, Dataset, Split};
-use mjp::fl::{AuditRecord, ModelUpdate, ObservedUpdate, RoundConfig, UpdateKind, local_update};
-use mjp::train::OptimizerKind;
+use mjp::fl::{AuditRecord, ModelUpdate, ObservedUpdate, RoundConfig, local_update};
 use mjp::{NamedTensors, Seed, Vit};
 use mjpfl_attacks::adversary::{Adversary, UpdateRecord};
 
@@ -139,21 +138,12 @@ pub fn run(args: AttackCmdArgs) -> Result<()> {
         let b = args.batch.max(1);
         for (k, chunk) in (0..data.len()).collect::<Vec<_>>().chunks(b).enumerate() {
             let part = data.subset(chunk);
-            let rc = RoundConfig {
-                update_kind: UpdateKind::FedSgd,
-                local_steps: 1,
-                local_epochs: 0,
-                learning_rate: 0.1,
-                batch_size: b as u32,
-                shuffle_ratio: args.ratio,
-                jigsaw_probability: 1.0,
-                per_sample_jigsaw: false,
-                dal_lambda: args.dal_lambda,
-                fedprox_mu: 0.0,
-                seed: Seed(args.seed).child("attack-case", k as u64).0,
-                deadline_unix_ms: 0,
-                local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
-            };
+            let rc = RoundConfig::fedsgd(
+                b as u32,
+                args.ratio,
+                args.dal_lambda,
+                Seed(args.seed).child("attack-case", k as u64).0,
+            );
             let client = format!("case-{k:03}");
             let local = local_update(&model, &part, 0, 0, &client, &rc, &device)?;
             let audit = AuditRecord { ..local.audit };

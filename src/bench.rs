@@ -237,21 +237,7 @@ fn attack_speed(args: AttackBenchArgs) -> Result<()> {
     let case = AttackCase {
         vit: vit.clone(),
         global,
-        config: RoundConfig {
-            update_kind: UpdateKind::FedSgd,
-            local_steps: 1,
-            local_epochs: 0,
-            learning_rate: 0.1,
-            batch_size: 1,
-            shuffle_ratio: 0.0,
-            jigsaw_probability: 0.0,
-            per_sample_jigsaw: false,
-            dal_lambda: 0.0,
-            fedprox_mu: 0.0,
-            seed: 0,
-            deadline_unix_ms: 0,
-            local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
-        },
+        config: RoundConfig::fedsgd(1, 0.0, 0.0, 0),
         update,
         kind: UpdateKind::FedSgd,
         batch_size: 1,
@@ -399,7 +385,11 @@ fn aggregate(args: AggregateArgs) -> Result<()> {
         let rss_idle = peak_rss(pid)?;
         let mut clients = Vec::new();
         for i in 0..args.updates {
-            let mut c = mjpfl_client::connection::federation_client(channel.clone());
+            // One connection per client, as real clients have: uploads multiplexed on one HTTP/2
+            // connection share its flow-control window, and those waiting for an upload permit
+            // would stall the ones being read.
+            let own = mjpfl_client::connection::connect(&endpoint).await?;
+            let mut c = mjpfl_client::connection::federation_client(own);
             let r = c
                 .join(v1::JoinRequest {
                     client_name: format!("bench-{i}"),

@@ -184,38 +184,60 @@ pub struct RoundAttackSummary {
 }
 
 /// Which intercepted updates get attacked: round 1 (the model at initialisation) and every n-th
-/// round, at most `max_per_round` per round. Applied where updates come off the tap, so that
-/// updates nobody will attack never queue behind a slow attack (and never count as dropped).
+/// round; with `max_per_round` > 0, the updates of the `max_per_round` smallest client ids of the
+/// round, so that the same seed attacks the same clients (and images) whatever the arrival order
+/// (comparable across settings). Applied where updates come off the tap, so that updates nobody
+/// will attack never queue behind a slow attack (and never count as dropped).
 #[derive(Clone, Debug)]
-pub struct Sampler {
+pub struct Sampler<T> {
     every_rounds: u32,
     max_per_round: usize,
-    attacked_this_round: BTreeMap<u32, usize>,
+    /// Updates of the due round being collected (its choice is made when it is over).
+    pending: Vec<T>,
 }
 
-impl Sampler {
+impl<T: std::borrow::Borrow<ObservedUpdate>> Sampler<T> {
     /// The sampling rule of `config`.
     pub fn new(config: &AdversaryConfig) -> Self {
         Self {
             every_rounds: config.every_rounds.max(1),
             max_per_round: config.max_per_round,
-            attacked_this_round: BTreeMap::new(),
+            pending: Vec::new(),
         }
     }
 
-    /// Whether `observed` is selected for attack (and counts it).
-    pub fn select(&mut self, observed: &ObservedUpdate) -> bool {
-        let round = observed.update.round;
-        let due = round == 1 || round.is_multiple_of(self.every_rounds);
-        if !observed.accepted || !due {
-            return false;
+    /// Takes the next update off the tap; returns those now chosen for attack (the previous due
+    /// round's choice once a later round shows up, or this update at once when every update of
+    /// a due round is attacked).
+    pub fn offer(&mut self, update: T) -> Vec<T> {
+        let o = update.borrow();
+        let round = o.update.round;
+        let mut out = match self.pending.first() {
+            Some(p) if p.borrow().update.round != round => self.flush(),
+            _ => Vec::new(),
+        };
+        if o.accepted && self.is_due(round) {
+            if self.max_per_round == 0 {
+                out.push(update);
+            } else {
+                self.pending.push(update);
+            }
         }
-        let n = self.attacked_this_round.entry(round).or_insert(0);
-        if self.max_per_round > 0 && *n >= self.max_per_round {
-            return false;
-        }
-        *n += 1;
-        true
+        out
+    }
+
+    /// Whether updates of `round` are candidates at all.
+    pub fn is_due(&self, round: u32) -> bool {
+        round == 1 || round.is_multiple_of(self.every_rounds)
+    }
+
+    /// The choice of the round being collected (call when the tap ends).
+    pub fn flush(&mut self) -> Vec<T> {
+        let mut round = std::mem::take(&mut self.pending);
+        round.sort_by(|a, b| a.borrow().client_id.cmp(&b.borrow().client_id));
+        round.dedup_by(|a, b| a.borrow().client_id == b.borrow().client_id);
+        round.truncate(self.max_per_round);
+        round
     }
 }
 
@@ -503,4 +525,85 @@ pub fn summarise(records: &[UpdateRecord]) -> Vec<RoundAttackSummary> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mjp::fl::{ModelUpdate, RoundConfig, UpdateKind};
+
+    fn observed(round: u32, client: &str, accepted: bool) -> ObservedUpdate {
+        ObservedUpdate {
+            sequence: 0,
+            client_id: client.into(),
+            accepted,
+            dropped_before: 0,
+            config: RoundConfig::fedsgd(1, 0.0, 0.0, 0),
+            update: ModelUpdate {
+                round,
+                model_version: u64::from(round - 1),
+                kind: UpdateKind::FedSgd,
+                batch_size: 1,
+                num_examples: 1,
+                local_steps: 1,
+                metrics: Default::default(),
+                tensors: NamedTensors::new(Vec::new()),
+            },
+        }
+    }
+
+    fn chosen(arrivals: &[(u32, &str, bool)]) -> Vec<(u32, String)> {
+        let config = AdversaryConfig {
+            attacks: Vec::new(),
+            max_per_round: 2,
+            every_rounds: 3,
+            out_dir: "unused".into(),
+            audit_dir: None,
+            mean_image: None,
+            save_updates: false,
+        };
+        let mut sampler = Sampler::new(&config);
+        let mut out = Vec::new();
+        for &(r, c, a) in arrivals {
+            out.extend(sampler.offer(observed(r, c, a)));
+        }
+        out.extend(sampler.flush());
+        out.into_iter()
+            .map(|o| (o.update.round, o.client_id))
+            .collect()
+    }
+
+    #[test]
+    fn sampler_picks_the_same_clients_whatever_the_arrival_order() {
+        let a = chosen(&[
+            (1, "client-007", true),
+            (1, "client-002", true),
+            (1, "client-001", false),
+            (1, "client-004", true),
+            (2, "client-000", true),
+            (3, "client-009", true),
+            (3, "client-003", true),
+        ]);
+        let b = chosen(&[
+            (1, "client-004", true),
+            (1, "client-001", false),
+            (1, "client-002", true),
+            (1, "client-007", true),
+            (2, "client-000", true),
+            (3, "client-003", true),
+            (3, "client-009", true),
+        ]);
+        let expected: Vec<(u32, String)> = [
+            (1, "client-002"),
+            (1, "client-004"),
+            (3, "client-003"),
+            (3, "client-009"),
+        ]
+        .iter()
+        .map(|(r, c)| (*r, c.to_string()))
+        .collect();
+        // Refused updates and rounds that are not due (2) are never attacked.
+        assert_eq!(a, expected);
+        assert_eq!(b, expected);
+    }
 }

@@ -805,7 +805,13 @@ impl Federation {
             .rng();
         live.shuffle(&mut rng);
         let sampled: BTreeSet<String> = live.into_iter().take(k).collect();
-        let ratio = self.config.shuffle.ratio_at(round, f.rounds);
+        // The schedule drives MJP; naive shuffling always permutes every patch; learned and none
+        // never shuffle (the records say so rather than echoing an unused schedule).
+        let ratio = match self.vit.pe {
+            mjp::PeMode::Mjp => self.config.shuffle.ratio_at(round, f.rounds),
+            mjp::PeMode::NaiveShuffle => 1.0,
+            mjp::PeMode::Learned | mjp::PeMode::None => 0.0,
+        };
         let deadline_in = Duration::from_secs_f64(f.round_deadline_secs);
         tracing::info!(
             "round {round} (attempt {attempt}) open: {} clients sampled, shuffle ratio {ratio:.3}",

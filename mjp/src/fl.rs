@@ -84,6 +84,26 @@ pub struct RoundConfig {
 }
 
 impl RoundConfig {
+    /// One FedSGD step of `batch_size` with the jigsaw on every step (the recipe of an attack
+    /// study: `mjpfl attack`, benchmarks, tests).
+    pub fn fedsgd(batch_size: u32, shuffle_ratio: f64, dal_lambda: f64, seed: u64) -> Self {
+        Self {
+            update_kind: UpdateKind::FedSgd,
+            local_steps: 1,
+            local_epochs: 0,
+            learning_rate: 0.1,
+            batch_size,
+            shuffle_ratio,
+            jigsaw_probability: 1.0,
+            per_sample_jigsaw: false,
+            dal_lambda,
+            fedprox_mu: 0.0,
+            seed,
+            deadline_unix_ms: 0,
+            local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
+        }
+    }
+
     /// The jigsaw knobs of this round.
     pub fn jigsaw(&self) -> JigsawConfig {
         JigsawConfig {
