@@ -101,7 +101,7 @@ pub fn run(args: AttackCmdArgs) -> Result<()> {
             accepted: true,
             dropped_before: 0,
             config: round_config.clone(),
-            update: ModelUpdate {
+            update: std::sync::Arc::new(ModelUpdate {
                 round: 0,
                 model_version: 0,
                 kind: round_config.update_kind,
@@ -110,7 +110,7 @@ pub fn run(args: AttackCmdArgs) -> Result<()> {
                 local_steps: get("mjpfl.local_steps"),
                 metrics: BTreeMap::new(),
                 tensors,
-            },
+            }),
         };
         records.push(adversary.attack(&observed, &global)?);
     } else {
@@ -154,7 +154,7 @@ pub fn run(args: AttackCmdArgs) -> Result<()> {
                 accepted: true,
                 dropped_before: 0,
                 config: rc,
-                update: local.update,
+                update: std::sync::Arc::new(local.update),
             };
             let rec = adversary.attack(&observed, &global)?;
             print_record(&rec);

@@ -77,6 +77,10 @@ pub struct TrainStepArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Start from this mjpfl checkpoint (e.g. a federation's `checkpoints/model-0020`) instead
+    /// of a fresh model: step time can depend on the weights (saturated softmaxes).
+    #[arg(long)]
+    init: Option<std::path::PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
     /// Python interpreter with torch for the reference ("none" skips it).
@@ -96,9 +100,18 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 }
 
 fn train_step(args: TrainStepArgs) -> Result<()> {
-    let config = mjp::VitConfig::preset(&args.preset)?.with_pe(args.pe);
     let device = args.device.device.device()?.autodiff();
-    let model = Vit::new(&config, Seed(0), &device);
+    let (config, model) = match &args.init {
+        Some(path) => {
+            let ck = mjp::checkpoint::Checkpoint::read(path)?;
+            (ck.config.clone(), ck.into_model(&device)?)
+        }
+        None => {
+            let config = mjp::VitConfig::preset(&args.preset)?.with_pe(args.pe);
+            let model = Vit::new(&config, Seed(0), &device);
+            (config, model)
+        }
+    };
     let objective = ObjectiveConfig {
         jigsaw: mjp::JigsawConfig {
             probability: 1.0,
@@ -132,7 +145,13 @@ fn train_step(args: TrainStepArgs) -> Result<()> {
     let (mean, std) = mean_std(&times);
     println!(
         "mjpfl  {} pe={} batch={} device={}: {mean:.1} ms/step (std {std:.1}, {} steps)",
-        args.preset, args.pe, args.batch, args.device.device, args.steps
+        args.init
+            .as_ref()
+            .map_or(args.preset.clone(), |p| p.display().to_string()),
+        config.pe,
+        args.batch,
+        args.device.device,
+        args.steps
     );
     if args.python == "none" {
         return Ok(());

@@ -20,8 +20,10 @@ pub fn write_run_report(run: &Path) -> Result<()> {
                 .map_or("-".into(), |t| format!("{:.2}%", 100.0 * t.accuracy));
             writeln!(
                 md,
-                "{} rounds completed; final global test accuracy **{acc}**.\n",
-                last.round
+                "{} rounds completed; final global test accuracy **{acc}** ({} test images; \
+                 intermediate rounds are evaluated on `round_test_limit` of them).\n",
+                last.round,
+                last.test.as_ref().map_or(0, |t| t.examples)
             )?;
         }
         None => writeln!(md, "No round completed yet.\n")?,
@@ -29,9 +31,9 @@ pub fn write_run_report(run: &Path) -> Result<()> {
     writeln!(md, "## Rounds\n")?;
     writeln!(
         md,
-        "| round | updates | shuffle ratio | test acc | jigsaw acc | consistency | client loss | seconds |"
+        "| round | updates | shuffle ratio | test acc | test images | jigsaw acc | consistency | client loss | seconds |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
     // Long runs: only the rounds the global model was evaluated after (`eval_every`).
     for r in rounds
@@ -41,11 +43,12 @@ pub fn write_run_report(run: &Path) -> Result<()> {
         let t = r.test.as_ref();
         writeln!(
             md,
-            "| {} | {} | {:.2} | {} | {} | {} | {:.3} | {:.1} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {:.3} | {:.1} |",
             r.round,
             r.aggregated.len(),
             r.shuffle_ratio,
             pct(t.map(|t| t.accuracy)),
+            t.map_or("-".into(), |t| t.examples.to_string()),
             pct(t.and_then(|t| t.jigsaw_accuracy)),
             pct(t.and_then(|t| t.consistency_agreement)),
             r.client_metrics.get("loss").copied().unwrap_or(f64::NAN),

@@ -72,6 +72,10 @@ pub struct TrainArgs {
     /// Evaluate on only the first N test images.
     #[arg(long)]
     test_limit: Option<usize>,
+    /// Measure jigsaw accuracy and consistency on the first N test images (0 = all); clean
+    /// accuracy always uses every test image.
+    #[arg(long, default_value_t = 2000)]
+    jigsaw_limit: usize,
     /// Run seed (model init, data order, jigsaws).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -236,8 +240,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let warmup_steps = ((total_steps as f64) * args.warmup).round() as usize;
     let eval_options = EvalOptions {
         seed: Seed(args.seed).child("eval", 0),
+        jigsaw_limit: (args.jigsaw_limit > 0).then_some(args.jigsaw_limit),
         ..EvalOptions::default()
     };
+    let mut last_test = None;
     let started = Instant::now();
     let seed = Seed(args.seed);
 
@@ -296,7 +302,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             wall_seconds: started.elapsed().as_secs_f64(),
         };
         println!(
-            "epoch {epoch}/{}: train loss {:.4} acc {:.4} | test acc {:.4} loss {:.4} | jigsaw acc {} | consistency {} | {:.0}s",
+            "epoch {epoch}/{}: train loss {:.4} acc {:.4} | test acc {:.4} loss {:.4} | jigsaw acc {} | consistency {} | {:.0}s training, {:.0}s wall",
             args.epochs,
             record.train_loss,
             record.train_accuracy,
@@ -305,9 +311,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             fmt_opt(test.jigsaw_accuracy),
             fmt_opt(test.consistency_agreement),
             state.train_seconds,
+            record.wall_seconds,
         );
         save_epoch(&out, &trainer, &state, epoch)?;
         append(&out.join("epochs.jsonl"), &serde_json::to_string(&record)?)?;
+        last_test = Some(test);
         if let Some(limit) = args.time_limit_min
             && started.elapsed().as_secs_f64() > limit * 60.0
             && epoch < args.epochs
@@ -316,7 +324,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             break;
         }
     }
-    let final_test = evaluate(&trainer.model.inference(), &test_data, &eval_options);
+    // The last epoch's evaluation is the final one; evaluate only when no epoch ran now (a
+    // resume of a finished run).
+    let final_test = match last_test {
+        Some(t) => t,
+        None => evaluate(&trainer.model.inference(), &test_data, &eval_options),
+    };
     let summary = serde_json::json!({
         "epochs_done": state.epochs_done,
         "test": final_test,
@@ -328,10 +341,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     println!(
-        "done: test accuracy {:.4} after {} epochs, {:.1} min of training; run directory {}",
+        "done: test accuracy {:.4} after {} epochs, {:.1} min of training ({:.1} min wall); run directory {}",
         final_test.accuracy,
         state.epochs_done,
         state.train_seconds / 60.0,
+        started.elapsed().as_secs_f64() / 60.0,
         out.display()
     );
     Ok(())

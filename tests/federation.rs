@@ -39,9 +39,9 @@ fn accuracy_of(run: &std::path::Path, version: u64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clients_train_over_loopback_and_accuracy_improves() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(small_config(3, 3), dir.path())
-        .await
-        .unwrap();
+    let mut config = small_config(3, 3);
+    config.data.round_test_limit = 50;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
     let endpoint = format!("http://{}", coordinator.addr);
     let (_stop, rx) = watch::channel(false);
     let clients: Vec<_> = (0..3)
@@ -79,6 +79,12 @@ async fn three_clients_train_over_loopback_and_accuracy_improves() {
         "test accuracy {before:.3} -> {after:.3}"
     );
     assert_eq!(rounds[2].test.as_ref().unwrap().accuracy, after);
+    // Intermediate rounds are evaluated on `round_test_limit` images, the last on all 200.
+    let evaluated: Vec<usize> = rounds
+        .iter()
+        .map(|r| r.test.as_ref().unwrap().examples)
+        .collect();
+    assert_eq!(evaluated, vec![50, 50, 200]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,4 +330,48 @@ async fn bad_updates_are_refused_with_their_status_and_leave_the_model_bit_ident
     assert!(ok.accepted);
     coordinator.run_to_completion().await.unwrap();
     assert_eq!(rundir::read_rounds(dir.path()).unwrap()[0].rejected, 10);
+}
+
+/// Uploads multiplexed on one HTTP/2 connection all complete even when the coordinator decodes
+/// one at a time: the uploads waiting for the permit must not take the connection's whole
+/// flow-control window from the one being read (that deadlocked before the window was sized).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_multiplexed_on_one_connection_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = 4;
+    let mut config = small_config(clients, 1);
+    config.server.max_concurrent_uploads = 1;
+    // Updates much larger than an HTTP/2 window (vit-tiny-32: 21.5 MB), as real ones are.
+    config.model.preset = "vit-tiny-32".into();
+    config.model.pe = mjp::PeMode::Learned;
+    config.data.skip_eval = true;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let channel = mjpfl_client::connection::connect(&endpoint).await.unwrap();
+    let mut raws = Vec::new();
+    for _ in 0..clients {
+        raws.push(RawClient::join_on(channel.clone(), "mjpfl").await.unwrap());
+    }
+    let mut zeros = raws[0].model(0).await;
+    zeros.scale(0.0);
+    assert!(zeros.numel() * 4 > 16 << 20);
+    let mut uploads = tokio::task::JoinSet::new();
+    for mut raw in raws {
+        let task = raw.train_task().await;
+        let msgs = messages(&raw.token, &task, &zeros, |_, _| {});
+        uploads.spawn(async move { raw.client.submit_update(tokio_stream::iter(msgs)).await });
+    }
+    let all = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(r) = uploads.join_next().await {
+            assert!(r.unwrap().unwrap().into_inner().accepted);
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "uploads multiplexed on one connection deadlocked"
+    );
+    coordinator.run_to_completion().await.unwrap();
+    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    assert_eq!(rounds[0].aggregated.len(), clients as usize);
 }

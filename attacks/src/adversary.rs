@@ -539,7 +539,7 @@ mod tests {
             accepted,
             dropped_before: 0,
             config: RoundConfig::fedsgd(1, 0.0, 0.0, 0),
-            update: ModelUpdate {
+            update: std::sync::Arc::new(ModelUpdate {
                 round,
                 model_version: u64::from(round - 1),
                 kind: UpdateKind::FedSgd,
@@ -548,7 +548,7 @@ mod tests {
                 local_steps: 1,
                 metrics: Default::default(),
                 tensors: NamedTensors::new(Vec::new()),
-            },
+            }),
         }
     }
 

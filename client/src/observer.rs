@@ -110,7 +110,7 @@ fn finish(h: v1::InterceptHeader, a: Assembler) -> Result<ObservedUpdate> {
         accepted: h.accepted,
         dropped_before: h.dropped_before,
         config,
-        update: ModelUpdate {
+        update: std::sync::Arc::new(ModelUpdate {
             round: h.round,
             model_version: h.model_version,
             kind: convert::kind_from_wire(h.kind)
@@ -120,6 +120,6 @@ fn finish(h: v1::InterceptHeader, a: Assembler) -> Result<ObservedUpdate> {
             local_steps: h.local_steps,
             metrics: Default::default(),
             tensors,
-        },
+        }),
     })
 }

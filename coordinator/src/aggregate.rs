@@ -189,12 +189,13 @@ pub struct ServerState {
     pub v: Vec<Vec<f32>>,
 }
 
-/// Applies the aggregated update to the global model, returning the new global.
+/// Applies the aggregated update to the global model, returning the new global. The new values
+/// are written over the aggregated update's buffers, so a commit holds two models, not three.
 pub fn apply(
     optimizer: &ServerOptimizer,
     state: &mut ServerState,
     global: &NamedTensors,
-    aggregated: &NamedTensors,
+    aggregated: NamedTensors,
     kind: UpdateKind,
 ) -> NamedTensors {
     // Pseudo-gradient sign: FedSGD sends gradients, FedAvg sends (local - global).
@@ -207,12 +208,13 @@ pub fn apply(
         aggregated.manifest(),
         "global and update in the same order"
     );
-    let mut out = global.clone();
+    let mut out = aggregated;
     match *optimizer {
         ServerOptimizer::Sgd { lr } => {
-            for (w, u) in out.tensors_mut().iter_mut().zip(aggregated.tensors()) {
-                for (a, g) in w.data.iter_mut().zip(&u.data) {
-                    *a -= lr as f32 * sign * g;
+            let step = lr as f32 * sign;
+            for (u, w) in out.tensors_mut().iter_mut().zip(global.tensors()) {
+                for (a, x) in u.data.iter_mut().zip(&w.data) {
+                    *a = x - step * *a;
                 }
             }
         }
@@ -235,20 +237,20 @@ pub fn apply(
             let t = state.step as i32;
             let c1 = 1.0 - beta1.powi(t);
             let c2 = 1.0 - beta2.powi(t);
-            for (i, (w, u)) in out
+            for (i, (u, w)) in out
                 .tensors_mut()
                 .iter_mut()
-                .zip(aggregated.tensors())
+                .zip(global.tensors())
                 .enumerate()
             {
                 let (m, v) = (&mut state.m[i], &mut state.v[i]);
-                for j in 0..w.data.len() {
+                for j in 0..u.data.len() {
                     let g = f64::from(sign * u.data[j]);
                     let mj = beta1 * f64::from(m[j]) + (1.0 - beta1) * g;
                     let vj = beta2 * f64::from(v[j]) + (1.0 - beta2) * g * g;
                     m[j] = mj as f32;
                     v[j] = vj as f32;
-                    w.data[j] -= (lr * (mj / c1) / ((vj / c2).sqrt() + eps)) as f32;
+                    u.data[j] = w.data[j] - (lr * (mj / c1) / ((vj / c2).sqrt() + eps)) as f32;
                 }
             }
         }
@@ -295,15 +297,15 @@ mod tests {
         let mut s = ServerState::default();
         let sgd = ServerOptimizer::Sgd { lr: 0.5 };
         assert_eq!(
-            apply(&sgd, &mut s, &nt(&[1.0]), &g, UpdateKind::FedSgd).tensors()[0].data,
+            apply(&sgd, &mut s, &nt(&[1.0]), g.clone(), UpdateKind::FedSgd).tensors()[0].data,
             vec![0.5]
         );
         assert_eq!(
-            apply(&sgd, &mut s, &nt(&[1.0]), &g, UpdateKind::FedAvg).tensors()[0].data,
+            apply(&sgd, &mut s, &nt(&[1.0]), g.clone(), UpdateKind::FedAvg).tensors()[0].data,
             vec![1.5]
         );
         let adam = ServerOptimizer::default_for(UpdateKind::FedSgd);
-        let w = apply(&adam, &mut s, &nt(&[1.0]), &g, UpdateKind::FedSgd);
+        let w = apply(&adam, &mut s, &nt(&[1.0]), g, UpdateKind::FedSgd);
         assert!((w.tensors()[0].data[0] - 0.999).abs() < 1e-6);
     }
 }

@@ -127,6 +127,9 @@ pub struct DataSection {
     pub data_dir: PathBuf,
     /// Evaluate on the first N test images (0 = all).
     pub test_limit: usize,
+    /// Evaluate intermediate rounds on the first N of those (0 = all of them); the last round
+    /// is always evaluated on all of them, so the final accuracy is on the whole test set.
+    pub round_test_limit: usize,
     /// Also report jigsaw accuracy and consistency every round.
     pub eval_jigsaw_metrics: bool,
     /// Measure the jigsaw metrics on the first N test images (0 = all); clean accuracy always
@@ -145,6 +148,7 @@ impl Default for DataSection {
             dataset: DataSource::FashionMnist,
             data_dir: PathBuf::from("data"),
             test_limit: 0,
+            round_test_limit: 2000,
             eval_jigsaw_metrics: true,
             eval_jigsaw_limit: 500,
             eval_every: 1,
@@ -191,7 +195,7 @@ impl Default for TrainingSection {
     fn default() -> Self {
         Self {
             update_kind: UpdateKind::FedAvg,
-            local_steps: 150,
+            local_steps: 120,
             local_epochs: 0,
             learning_rate: 2e-3,
             learning_rate_schedule: LrSchedule::Cosine,

@@ -624,7 +624,7 @@ impl Federation {
             accepted,
             dropped_before: 0,
             config: ticket.config.clone(),
-            update,
+            update: Arc::new(update),
         };
         let mut s = self.lock();
         let open = s.round.as_mut().filter(|r| {
@@ -763,11 +763,23 @@ impl Federation {
                 continue;
             }
             let me = self.clone();
-            let record = tokio::task::spawn_blocking(move || me.commit(open, closed_by))
+            let committed = tokio::task::spawn_blocking(move || me.commit(open, closed_by))
                 .await
-                .map_err(|e| {
-                    CoordinatorError::Config(format!("round commit task failed: {e}"))
-                })??;
+                .map_err(|e| CoordinatorError::Config(format!("round commit task failed: {e}")))
+                .and_then(|r| r);
+            let record = match committed {
+                Ok(record) => record,
+                Err(e) => {
+                    // The global model did not move; stop so clients exit with the reason and a
+                    // restart resumes from the last committed round.
+                    let mut s = self.lock();
+                    s.failure = Some(format!("round {round} could not be committed: {e}"));
+                    s.phase = Phase::Finished;
+                    drop(s);
+                    self.notify();
+                    return Err(e);
+                }
+            };
             tracing::info!(
                 "round {} committed: {} updates, shuffle ratio {:.2}, test accuracy {}",
                 record.round,
@@ -838,9 +850,12 @@ impl Federation {
 
     /// Aggregates, moves the global model, evaluates, checkpoints and records a closed round.
     fn commit(&self, open: OpenRound, closed_by: &str) -> Result<RoundRecord> {
+        // The server optimiser's state is moved out, not copied (for Adam it is two models). A
+        // commit that fails stops the federation (see `drive`); a restart resumes from the last
+        // committed round's state on disk, so nothing half-applied is ever used.
         let (global, mut server) = {
-            let s = self.lock();
-            (s.global.clone(), s.server.clone())
+            let mut s = self.lock();
+            (s.global.clone(), std::mem::take(&mut s.server))
         };
         let aggregated = open.submitted.iter().cloned().collect();
         let update = open.aggregator.finish().expect("min_fit >= 1 updates");
@@ -849,9 +864,10 @@ impl Federation {
             &self.config.training.server_optimizer(),
             &mut server,
             &global,
-            &update,
+            update,
             kind,
         );
+        drop(global);
         new_global.check_finite().map_err(|e| {
             CoordinatorError::Config(format!(
                 "round {}: aggregated model is not finite ({e}); lower the learning rates",
@@ -863,7 +879,7 @@ impl Federation {
             || open.round.is_multiple_of(every)
             || open.round >= self.config.federation.rounds;
         let test = if due {
-            self.evaluate(&new_global)?
+            self.evaluate(&new_global, open.round >= self.config.federation.rounds)?
         } else {
             None
         };
@@ -905,7 +921,8 @@ impl Federation {
         Ok(record)
     }
 
-    fn evaluate(&self, params: &NamedTensors) -> Result<Option<EvalReport>> {
+    /// Evaluates on the test set: all of it for the last round, `round_test_limit` images before.
+    fn evaluate(&self, params: &NamedTensors, last: bool) -> Result<Option<EvalReport>> {
         let Some(test) = &self.test_data else {
             return Ok(None);
         };
@@ -916,6 +933,8 @@ impl Federation {
             jigsaw_limit: (self.config.data.eval_jigsaw_limit > 0)
                 .then_some(self.config.data.eval_jigsaw_limit),
             seed: Seed(self.config.federation.seed).child("eval", 0),
+            limit: (!last && self.config.data.round_test_limit > 0)
+                .then_some(self.config.data.round_test_limit),
             ..EvalOptions::default()
         };
         Ok(Some(evaluate(&model, test, &options)))

@@ -16,6 +16,18 @@ use crate::error::{CoordinatorError, Result};
 use crate::federation::Federation;
 use crate::service::{FederationService, ObserverService};
 
+/// HTTP/2 flow control. Each stream may hold this many unread bytes (one wire chunk).
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Streams one connection may have open at once (a client needs about three: a task long-poll,
+/// a download, an upload).
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// The connection window covers every stream's window: an upload waiting for a decode permit
+/// holds at most its own window, so it can never starve the upload being read on the same
+/// connection (with a 1 MiB connection window, a few waiting uploads multiplexed on one
+/// connection used to take all of it and deadlock against the permit holder). Worst case a
+/// connection parks `MAX_STREAMS_PER_CONNECTION` MiB of unread data in the coordinator.
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * (MAX_STREAMS_PER_CONNECTION + 1);
+
 /// A running coordinator.
 pub struct Coordinator {
     /// The federation state (for in-process observers and status).
@@ -54,6 +66,9 @@ impl Coordinator {
         let mut server_rx = rx.clone();
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
                 .add_service(fed_service)
                 .add_service(obs_service)
                 .serve_with_incoming_shutdown(

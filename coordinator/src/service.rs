@@ -61,25 +61,26 @@ impl FederationService {
             .fed
             .admit(&client, header.round, header.model_version, kind)?;
         let dtypes = convert::check_specs(&header.tensors, self.fed.manifest())?;
-        let mut assembler = Assembler::new(
-            &header.tensors,
-            &dtypes,
-            self.fed.config().server.max_chunk_bytes,
-        );
-        if header.total_bytes != assembler.expected_bytes() as u64 {
+        let expected = convert::expected_bytes(&header.tensors, &dtypes);
+        if header.total_bytes != expected as u64 {
             return Err(Status::invalid_argument(format!(
-                "header declares {} bytes, the declared tensors take {}",
+                "header declares {} bytes, the declared tensors take {expected}",
                 header.total_bytes,
-                assembler.expected_bytes()
             )));
         }
-        // One model's worth of memory per update being decoded: bound how many at once.
+        // One model's worth of memory per update being decoded: bound how many at once, and
+        // allocate nothing for an update until it holds a permit.
         let _permit = self
             .fed
             .upload_permits()
             .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("coordinator shutting down"))?;
+        let mut assembler = Assembler::new(
+            &header.tensors,
+            &dtypes,
+            self.fed.config().server.max_chunk_bytes,
+        );
         loop {
             match stream.message().await {
                 Ok(Some(v1::UpdateMessage {
@@ -125,8 +126,9 @@ fn model_stream(
 ) -> BoxStream<v1::ModelChunk> {
     let manifest = convert::manifest_to_wire(&params.manifest());
     let config = serde_json::to_string(vit).expect("config serialises");
-    let chunks = convert::chunk_tensors(&params, max_chunk);
-    let messages = chunks.into_iter().enumerate().map(move |(i, chunk)| {
+    // Chunks are cut as the client reads them: a download holds one chunk, not a model copy.
+    let chunks = convert::Chunks::new(params, |p| p, max_chunk);
+    let messages = chunks.enumerate().map(move |(i, chunk)| {
         Ok(v1::ModelChunk {
             model_version: version,
             manifest: (i == 0).then(|| manifest.clone()),
@@ -318,8 +320,12 @@ impl ObserverService {
     }
 }
 
-/// The messages of one intercepted update: header, chunks (the bytes as received), end.
-pub fn intercepted_messages(u: &ObservedUpdate, max_chunk: usize) -> Vec<v1::InterceptedMessage> {
+/// The messages of one intercepted update: header, chunks (the bytes as received, cut as they
+/// are sent), end.
+pub fn intercepted_messages(
+    u: &ObservedUpdate,
+    max_chunk: usize,
+) -> impl Iterator<Item = v1::InterceptedMessage> + Send + 'static {
     use v1::intercepted_message::Kind;
     let header = v1::InterceptHeader {
         sequence: u.sequence,
@@ -336,16 +342,11 @@ pub fn intercepted_messages(u: &ObservedUpdate, max_chunk: usize) -> Vec<v1::Int
         accepted: u.accepted,
     };
     std::iter::once(Kind::Header(header))
-        .chain(
-            convert::chunk_tensors(&u.update.tensors, max_chunk)
-                .into_iter()
-                .map(Kind::Chunk),
-        )
+        .chain(convert::Chunks::new(u.update.clone(), |u| &u.tensors, max_chunk).map(Kind::Chunk))
         .chain(std::iter::once(Kind::End(v1::InterceptEnd {
             sequence: u.sequence,
         })))
         .map(|k| v1::InterceptedMessage { kind: Some(k) })
-        .collect()
 }
 
 #[tonic::async_trait]

@@ -149,8 +149,8 @@ pub struct ObservedUpdate {
     pub dropped_before: u64,
     /// The round's recipe (public to the server).
     pub config: RoundConfig,
-    /// The update exactly as received.
-    pub update: ModelUpdate,
+    /// The update exactly as received (shared by every observer: one copy however many watch).
+    pub update: std::sync::Arc<ModelUpdate>,
 }
 
 /// What a simulated client used to compute an update: the ground truth for scoring, written to

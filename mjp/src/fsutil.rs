@@ -8,6 +8,15 @@ use crate::error::{MjpError, Result};
 /// Writes `bytes` to `path` via a temporary file in the same directory and a rename, so readers
 /// never see a partial file and a crash leaves the previous version intact.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_atomic(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).map_err(|e| MjpError::io(tmp, e))?;
+        f.write_all(bytes).map_err(|e| MjpError::io(tmp, e))
+    })
+}
+
+/// Like [`write_atomic`], for writers that stream into a file of their own: `write` creates and
+/// fills the temporary path it is given; the file is then synced and renamed over `path`.
+pub fn replace_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -18,9 +27,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| MjpError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| MjpError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| MjpError::io(&tmp, e))?;
-    drop(f);
+    let written = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| MjpError::io(&tmp, e))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| MjpError::io(path, e))
 }

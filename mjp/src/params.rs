@@ -33,6 +33,9 @@ impl NamedTensor {
     }
 }
 
+/// A tensor's name and a borrowed safetensors view of its bytes.
+type NamedView<'a> = (&'a str, TensorView<'a>);
+
 /// A model-shaped set of named tensors, in the model's visiting order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NamedTensors {
@@ -248,38 +251,37 @@ impl NamedTensors {
     /// Serialises to safetensors bytes (f32, little-endian) with string metadata. safetensors
     /// stores tensors sorted by name; the model's order is kept in the `mjpfl.tensor_order`
     /// metadata so that loading gives back the same order.
-    pub fn to_safetensors(&self, mut metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+    pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+        let (views, metadata) = self.safetensors_views(metadata)?;
+        safetensors::serialize(views, Some(metadata)).map_err(safetensors_error)
+    }
+
+    /// Views of the tensors' bytes (borrowed, no copy) and the metadata with the tensor order.
+    fn safetensors_views(
+        &self,
+        mut metadata: HashMap<String, String>,
+    ) -> Result<(Vec<NamedView<'_>>, HashMap<String, String>)> {
         let order: Vec<&str> = self.tensors.iter().map(|t| t.name.as_str()).collect();
         metadata.insert(
             ORDER_KEY.into(),
             serde_json::to_string(&order).expect("names serialise"),
         );
-        let bytes: Vec<(&str, Vec<u8>)> = self
-            .tensors
-            .iter()
-            .map(|t| {
-                (
-                    t.name.as_str(),
-                    bytemuck::cast_slice::<f32, u8>(&t.data).to_vec(),
-                )
-            })
-            .collect();
+        // safetensors is little-endian; so is every target this crate builds for.
+        const _: () = assert!(cfg!(target_endian = "little"));
         let views = self
             .tensors
             .iter()
-            .zip(&bytes)
-            .map(|(t, (name, b))| {
-                TensorView::new(Dtype::F32, t.shape.clone(), b).map(|v| (*name, v))
+            .map(|t| {
+                TensorView::new(
+                    Dtype::F32,
+                    t.shape.clone(),
+                    bytemuck::cast_slice::<f32, u8>(&t.data),
+                )
+                .map(|v| (t.name.as_str(), v))
             })
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| MjpError::Tensor {
-                name: "<safetensors>".into(),
-                reason: e.to_string(),
-            })?;
-        safetensors::serialize(views, Some(metadata)).map_err(|e| MjpError::Tensor {
-            name: "<safetensors>".into(),
-            reason: e.to_string(),
-        })
+            .map_err(safetensors_error)?;
+        Ok((views, metadata))
     }
 
     /// Parses safetensors bytes (f32, f16 and bf16 are read as f32), in the order recorded by
@@ -333,8 +335,16 @@ impl NamedTensors {
 
     /// Writes a safetensors file atomically (temporary file, then rename).
     pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
-        let bytes = self.to_safetensors(metadata)?;
-        crate::fsutil::write_atomic(path, &bytes)
+        // Streamed from the tensors to the file: saving costs no second copy of the model.
+        let (views, metadata) = self.safetensors_views(metadata)?;
+        crate::fsutil::replace_atomic(path, |tmp| {
+            safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| {
+                MjpError::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason: format!("writing: {e}"),
+                }
+            })
+        })
     }
 
     /// Reads a safetensors file.
@@ -344,6 +354,13 @@ impl NamedTensors {
             path: path.to_path_buf(),
             reason,
         })
+    }
+}
+
+fn safetensors_error(e: safetensors::SafeTensorError) -> MjpError {
+    MjpError::Tensor {
+        name: "<safetensors>".into(),
+        reason: e.to_string(),
     }
 }
 

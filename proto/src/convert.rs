@@ -95,23 +95,67 @@ pub fn check_specs(
 
 /// Cuts tensors into chunks of at most `max_chunk` bytes (f32 little-endian).
 pub fn chunk_tensors(tensors: &NamedTensors, max_chunk: usize) -> Vec<v1::TensorChunk> {
-    let per_chunk = (max_chunk / 4).max(1);
-    let mut out = Vec::new();
-    for (i, t) in tensors.tensors().iter().enumerate() {
-        if t.data.is_empty() {
-            continue;
-        }
-        for (k, values) in t.data.chunks(per_chunk).enumerate() {
-            let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            out.push(v1::TensorChunk {
-                tensor_index: i as u32,
-                offset: (k * per_chunk * 4) as u64,
-                crc32: crc32fast::hash(&data),
-                data,
-            });
+    Chunks::new(tensors, |t| t, max_chunk).collect()
+}
+
+/// The chunks of a tensor set, cut as they are consumed: a stream of them holds one chunk at a
+/// time instead of a second copy of the model. `owner` is whatever keeps the tensors alive (a
+/// reference, an `Arc` of the model or of an update), `get` reaches the tensors inside it.
+pub struct Chunks<T> {
+    owner: T,
+    get: fn(&T) -> &NamedTensors,
+    per_chunk: usize,
+    tensor: usize,
+    element: usize,
+}
+
+impl<T> Chunks<T> {
+    /// Chunks of at most `max_chunk` bytes of the tensors `get(&owner)`.
+    pub fn new(owner: T, get: fn(&T) -> &NamedTensors, max_chunk: usize) -> Self {
+        Self {
+            owner,
+            get,
+            per_chunk: (max_chunk / 4).max(1),
+            tensor: 0,
+            element: 0,
         }
     }
-    out
+}
+
+impl<T> Iterator for Chunks<T> {
+    type Item = v1::TensorChunk;
+
+    fn next(&mut self) -> Option<v1::TensorChunk> {
+        let tensors = (self.get)(&self.owner).tensors();
+        // Empty tensors send no chunk.
+        while self.tensor < tensors.len() && self.element >= tensors[self.tensor].data.len() {
+            self.tensor += 1;
+            self.element = 0;
+        }
+        let t = tensors.get(self.tensor)?;
+        let end = (self.element + self.per_chunk).min(t.data.len());
+        let data: Vec<u8> = t.data[self.element..end]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let chunk = v1::TensorChunk {
+            tensor_index: self.tensor as u32,
+            offset: (self.element * 4) as u64,
+            crc32: crc32fast::hash(&data),
+            data,
+        };
+        self.element = end;
+        Some(chunk)
+    }
+}
+
+/// Total bytes the declared tensors take on the wire.
+pub fn expected_bytes(specs: &[v1::TensorSpec], dtypes: &[v1::Dtype]) -> usize {
+    specs
+        .iter()
+        .zip(dtypes)
+        .map(|(s, &d)| s.shape.iter().map(|&x| x as usize).product::<usize>() * dtype_size(d))
+        .sum()
 }
 
 /// Reassembles a chunk stream into tensors, checking order, bounds and checksums as bytes arrive
@@ -150,14 +194,6 @@ impl Assembler {
             max_chunk,
             current: 0,
         }
-    }
-
-    /// Total bytes the declared tensors take.
-    pub fn expected_bytes(&self) -> usize {
-        self.specs
-            .iter()
-            .map(|(_, shape, d)| shape.iter().product::<usize>() * dtype_size(*d))
-            .sum()
     }
 
     /// Accepts the next chunk.

@@ -59,6 +59,11 @@ impl RawClient {
         let channel = mjpfl_client::connection::connect(endpoint)
             .await
             .expect("coordinator reachable");
+        Self::join_on(channel, secret).await
+    }
+
+    /// Joins over an existing connection (several clients can share one HTTP/2 connection).
+    pub async fn join_on(channel: Channel, secret: &str) -> Result<Self, tonic::Status> {
         let mut client = mjpfl_client::connection::federation_client(channel);
         let r = client
             .join(v1::JoinRequest {
