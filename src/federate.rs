@@ -262,7 +262,6 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    crate::release_memory_promptly();
     let config = args.overrides.resolve()?;
     let run_dir = args.run_dir.clone();
     runtime()?.block_on(async move {

@@ -86,12 +86,16 @@ fn flex_device(spec: &DeviceSpec) -> Result<Device> {
     })
 }
 
+// burn 0.22 marks burn-tch deprecated in favour of CubeCL backends, but CubeCL's CUDA build
+// downloads an LLVM bundle (impossible offline), so LibTorch stays our GPU path.
 #[cfg(feature = "tch")]
+#[allow(deprecated)]
 fn tch_cpu(_: &DeviceSpec) -> Result<Device> {
     Ok(Device::libtorch())
 }
 
 #[cfg(feature = "tch")]
+#[allow(deprecated)]
 fn tch_cuda(spec: &DeviceSpec, n: usize) -> Result<Device> {
     let visible = if tch::Cuda::is_available() {
         usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
