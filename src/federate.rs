@@ -1,23 +1,22 @@
-//! `mjpfl coordinator`, `mjpfl client` and `mjpfl simulate`: a federation over real gRPC.
-//!
-//! `simulate` starts a coordinator on 127.0.0.1, N clients (and the adversary) in this process,
-//! all talking gRPC over loopback, shows progress per round, and leaves a run directory with a
-//! report.
+//! `mjpfl coordinator`, `mjpfl client`, `mjpfl status` and `mjpfl simulate`: arguments, their
+//! conversion into the coordinator's and clients' configurations, and printing.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::Args;
 use mjp::data::DataSource;
 use mjp::fl::UpdateKind;
+use mjp::layout::RunLayout;
+use mjp::partition::PartitionScheme;
 use mjp::{DeviceSpec, PeMode};
 use mjpfl_client::ClientConfig;
+use mjpfl_client::protocol::Protocol;
 use mjpfl_coordinator::{Coordinator, CoordinatorConfig, ShuffleSchedule};
-use tokio::sync::{Semaphore, watch};
-
-use crate::common::progress_bar;
+use mjpfl_lab::runtime::{ctrl_c_or_term, runtime, timestamp};
+use mjpfl_lab::{SimulationOptions, run_simulation};
+use tokio::sync::watch;
 
 /// Overrides of the coordinator configuration shared by `coordinator` and `simulate`.
 #[derive(Args, Debug, Clone, Default)]
@@ -105,20 +104,7 @@ impl FederationOverrides {
             f.min_clients = n;
             f.clients_per_round = f.clients_per_round.min(n);
             f.min_fit = f.min_fit.min(f.clients_per_round);
-            c.partition = match c.partition {
-                mjpfl_client::partition::PartitionScheme::Iid { .. } => {
-                    mjpfl_client::partition::PartitionScheme::Iid { count: n }
-                }
-                mjpfl_client::partition::PartitionScheme::Dirichlet { alpha, .. } => {
-                    mjpfl_client::partition::PartitionScheme::Dirichlet { count: n, alpha }
-                }
-                mjpfl_client::partition::PartitionScheme::Shards {
-                    shards_per_client, ..
-                } => mjpfl_client::partition::PartitionScheme::Shards {
-                    count: n,
-                    shards_per_client,
-                },
-            };
+            c.partition = c.partition.with_count(n);
         }
         if let Some(k) = self.per_round {
             c.federation.clients_per_round = k;
@@ -134,7 +120,7 @@ impl FederationOverrides {
             c.federation.seed = v;
         }
         if let Some(alpha) = self.dirichlet_alpha {
-            c.partition = mjpfl_client::partition::PartitionScheme::Dirichlet {
+            c.partition = PartitionScheme::Dirichlet {
                 count: c.partition.count(),
                 alpha,
             };
@@ -233,34 +219,7 @@ pub struct ClientArgs {
     reconnect_for: f64,
 }
 
-pub async fn ctrl_c_or_term() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .worker_threads(2)
-        .build()
-        .context("starting the async runtime")
-}
-
+/// `mjpfl coordinator`: serve until the federation finishes or a signal arrives.
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let config = args.overrides.resolve()?;
     let run_dir = args.run_dir.clone();
@@ -271,8 +230,11 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         Ok::<(), anyhow::Error>(())
     })?;
     // Whether finished or stopped, the report reflects what is committed on disk.
-    crate::report::write_run_report(&args.run_dir)?;
-    println!("report {}", args.run_dir.join("report.md").display());
+    mjpfl_lab::report::write_run_report(&args.run_dir)?;
+    println!(
+        "report {}",
+        RunLayout::new(&args.run_dir).report().display()
+    );
     Ok(())
 }
 
@@ -291,13 +253,7 @@ pub struct StatusArgs {
 /// `mjpfl status`: one Status call; exit status 0 when the coordinator answers (healthchecks).
 pub fn status(args: StatusArgs) -> Result<()> {
     runtime()?.block_on(async move {
-        let channel = mjpfl_client::connection::connect(&args.coordinator).await?;
-        let s = mjpfl_client::connection::federation_client(channel)
-            .status(mjpfl_proto::v1::StatusRequest {})
-            .await
-            .map_err(|e| anyhow::anyhow!("Status: {e}"))?
-            .into_inner();
-        let last = s.history.last();
+        let s = Protocol::connect(&args.coordinator).await?.status().await?;
         println!(
             "{}: round {}/{}, model version {}, {} clients connected{}",
             s.phase,
@@ -305,15 +261,14 @@ pub fn status(args: StatusArgs) -> Result<()> {
             s.total_rounds,
             s.model_version,
             s.connected_clients,
-            last.map_or(String::new(), |r| format!(
-                ", last test accuracy {:.4}",
-                r.test_accuracy
-            ))
+            s.last_test_accuracy
+                .map_or(String::new(), |a| format!(", last test accuracy {a:.4}"))
         );
         Ok(())
     })
 }
 
+/// `mjpfl client`: train for a coordinator until the federation finishes.
 pub fn client(args: ClientArgs) -> Result<()> {
     let config = ClientConfig {
         endpoint: args.coordinator,
@@ -362,188 +317,37 @@ pub struct SimulateArgs {
     pub train_concurrency: usize,
     #[command(flatten)]
     pub attacks: crate::adversary::AttackArgs,
+    /// Where clients train and the adversary computes.
+    #[arg(long, default_value = "flex")]
+    pub device: DeviceSpec,
 }
 
-/// A UTC timestamp for default directory names.
-pub fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
+/// `mjpfl simulate`: the main job.
 pub fn simulate(args: SimulateArgs) -> Result<()> {
     let mut config = args.overrides.resolve()?;
     if args.overrides.listen.is_none() {
         config.server.listen = "127.0.0.1:0".into();
     }
+    config.server.device = args.device;
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("runs/simulate-{}", timestamp())));
-    let adversary = (!args.attacks.no_adversary).then(|| args.attacks.clone());
-    let outcome = runtime()?.block_on(run_simulation(
-        config,
-        &out,
-        !args.no_audit,
-        args.train_concurrency,
-        adversary,
-    ))?;
-    crate::report::write_run_report(&out)?;
+    let options = SimulationOptions {
+        audit: !args.no_audit,
+        train_concurrency: args.train_concurrency,
+        adversary: args.attacks.settings(),
+        device: args.device,
+    };
+    let outcome = runtime()?.block_on(run_simulation(config, &out, options, ctrl_c_or_term()))?;
+    mjpfl_lab::report::write_run_report(&out)?;
     println!(
         "done in {:.1} min: final test accuracy {}; report {}",
         outcome.wall.as_secs_f64() / 60.0,
         outcome
             .final_accuracy
             .map_or("-".into(), |a| format!("{a:.4}")),
-        out.join("report.md").display()
+        RunLayout::new(&out).report().display()
     );
     Ok(())
-}
-
-/// What a simulation produced.
-pub struct SimulationOutcome {
-    /// Wall time.
-    pub wall: Duration,
-    /// Final global test accuracy.
-    pub final_accuracy: Option<f64>,
-}
-
-/// Runs a whole federation in-process over loopback gRPC; resumes if `out` holds a run.
-pub async fn run_simulation(
-    config: CoordinatorConfig,
-    out: &Path,
-    audit: bool,
-    concurrency: usize,
-    adversary: Option<crate::adversary::AttackArgs>,
-) -> Result<SimulationOutcome> {
-    let started = Instant::now();
-    let n = config
-        .federation
-        .min_clients
-        .max(config.federation.clients_per_round);
-    let rounds = config.federation.rounds;
-    let data_dir = config.data.data_dir.clone();
-    let dataset = config.data.dataset.clone();
-    let coordinator = Coordinator::start(config, out).await?;
-    let endpoint = format!("http://{}", coordinator.addr);
-    let federation = coordinator.federation.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // The adversary subscribes before any client joins: it sees every update.
-    let adversary = match adversary {
-        Some(args) => {
-            let vit = federation.vit().clone();
-            let mean = crate::adversary::public_mean_image(&dataset, &data_dir, &vit);
-            let (queue, worker) = crate::adversary::spawn_worker(vit, args.config(out, mean)?);
-            let feeder = tokio::spawn(crate::adversary::feed_in_process(
-                federation.clone(),
-                federation.tap().subscribe(),
-                queue,
-                stop_rx.clone(),
-            ));
-            Some((feeder, worker))
-        }
-        None => None,
-    };
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut clients = Vec::new();
-    for i in 0..n {
-        let mut c = ClientConfig::new(endpoint.clone(), format!("sim-{i:02}"));
-        c.partition_hint = i as i32;
-        c.data_dir = data_dir.clone();
-        c.audit_dir = audit.then(|| out.join("audit"));
-        c.training_permits = Some(permits.clone());
-        c.join_secret = federation.config().federation.join_secret.clone();
-        clients.push(tokio::spawn(mjpfl_client::run(c, stop_rx.clone())));
-    }
-    let progress = tokio::spawn(show_progress(federation.clone(), rounds));
-    let outcome = coordinator.run_until(ctrl_c_or_term()).await;
-    let _ = stop_tx.send(true);
-    for c in clients {
-        match c.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("client ended with: {e}"),
-            Err(e) => tracing::warn!("client task failed: {e}"),
-        }
-    }
-    progress.abort();
-    if let Some((feeder, worker)) = adversary {
-        let _ = feeder.await;
-        match tokio::task::spawn_blocking(move || worker.join()).await {
-            Ok(Ok(Ok(n))) => println!("adversary attacked {n} updates"),
-            Ok(Ok(Err(e))) => tracing::warn!("adversary failed: {e:#}"),
-            _ => tracing::warn!("adversary worker panicked"),
-        }
-    }
-    outcome?;
-    let status = federation.status();
-    if let Some(f) = status.failure {
-        bail!("federation stopped early: {f}");
-    }
-    Ok(SimulationOutcome {
-        wall: started.elapsed(),
-        final_accuracy: status
-            .history
-            .last()
-            .and_then(|r| r.test.as_ref())
-            .map(|t| t.accuracy),
-    })
-}
-
-async fn show_progress(fed: Arc<mjpfl_coordinator::Federation>, rounds: u32) {
-    let bar = progress_bar(
-        u64::from(rounds),
-        "rounds [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
-    );
-    let mut changes = fed.watch();
-    let mut printed = fed.status().history.len();
-    bar.set_position(printed as u64);
-    loop {
-        let s = fed.status();
-        for r in &s.history[printed.min(s.history.len())..] {
-            let acc = r
-                .test
-                .as_ref()
-                .map_or("-".into(), |t| format!("{:.4}", t.accuracy));
-            bar.println(format!(
-                "round {:>3}/{rounds}: {} updates, shuffle ratio {:.2}, test accuracy {acc}, client loss {:.3}, {:.1}s",
-                r.round,
-                r.aggregated.len(),
-                r.shuffle_ratio,
-                r.client_metrics.get("loss").copied().unwrap_or(f64::NAN),
-                r.wall_seconds
-            ));
-            if bar.is_hidden() {
-                println!(
-                    "round {:>3}/{rounds}: {} updates, shuffle ratio {:.2}, test accuracy {acc}, {:.1}s",
-                    r.round,
-                    r.aggregated.len(),
-                    r.shuffle_ratio,
-                    r.wall_seconds
-                );
-            }
-        }
-        printed = s.history.len();
-        bar.set_position(printed as u64);
-        bar.set_message(format!("{} clients, {}", s.connected, s.phase.name()));
-        if changes.changed().await.is_err() {
-            return;
-        }
-    }
 }

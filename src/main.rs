@@ -1,4 +1,5 @@
-//! `mjpfl`: the thin binary that parses arguments and wires the crates together.
+//! `mjpfl`: the thin binary. It parses arguments, converts them into the configurations of the
+//! library crates (`mjpfl_lab` runs every experiment), calls them and prints; nothing else.
 //!
 //! Subcommands: `simulate` (the main job: coordinator + clients + adversary on loopback),
 //! `coordinator`, `client`, `adversary`, `train` (centralised), `attack` (one update offline),
@@ -9,8 +10,6 @@ mod attack;
 mod bench;
 mod common;
 mod federate;
-mod plots;
-mod report;
 mod sweep;
 mod train;
 
@@ -86,7 +85,7 @@ enum Command {
     /// A grid of federations with attacks: privacy/utility tables and plots.
     Sweep(sweep::SweepArgs),
     /// Regenerate report.md (and plots) of a run or sweep directory from what is on disk.
-    Report(report::ReportArgs),
+    Report(sweep::ReportArgs),
     /// Benchmarks (train-step speed against a PyTorch reference measured in the same run).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -111,7 +110,7 @@ fn main() {
         Command::Attack(args) => attack::run(args),
         Command::Train(args) => train::run(args),
         Command::Sweep(args) => sweep::run(args),
-        Command::Report(args) => report::run(args),
+        Command::Report(args) => sweep::report(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(err) = result {

@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 
 use common::{RawClient, free_port, small_config};
 use mjp::NamedTensors;
+use mjp::layout::RunLayout;
+use mjpfl_attacks::recorder::read_records;
 use mjpfl_client::ClientConfig;
 use mjpfl_coordinator::{Coordinator, rundir};
+use mjpfl_lab::{SimulationOptions, run_simulation};
 use mjpfl_proto::convert;
 use mjpfl_proto::v1;
 use tokio::sync::watch;
@@ -23,8 +26,7 @@ fn client_config(endpoint: &str, i: usize) -> ClientConfig {
 
 fn accuracy_of(run: &std::path::Path, version: u64) -> f64 {
     let device = mjp::DeviceSpec::Flex.device().unwrap();
-    let ck =
-        mjp::checkpoint::Checkpoint::read(&rundir::RunDir::checkpoint_in(run, version)).unwrap();
+    let ck = mjp::checkpoint::Checkpoint::read(&RunLayout::new(run).checkpoint(version)).unwrap();
     let model = ck.into_model(&device).unwrap();
     let test = common::fixture()
         .load(mjp::data::Split::Test, "data".as_ref())
@@ -36,23 +38,17 @@ fn accuracy_of(run: &std::path::Path, version: u64) -> f64 {
     mjp::train::evaluate(&model, &test, &opts).accuracy
 }
 
+/// The main job's path end to end (`mjpfl_lab::run_simulation`, as `mjpfl simulate` runs it):
+/// a coordinator on loopback, three clients, the adversary on the in-process tap, then the report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_clients_train_over_loopback_and_accuracy_improves() {
+async fn a_simulated_federation_trains_is_attacked_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = small_config(3, 3);
     config.data.round_test_limit = 50;
-    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
-    let endpoint = format!("http://{}", coordinator.addr);
-    let (_stop, rx) = watch::channel(false);
-    let clients: Vec<_> = (0..3)
-        .map(|i| tokio::spawn(mjpfl_client::run(client_config(&endpoint, i), rx.clone())))
-        .collect();
-    coordinator.run_to_completion().await.unwrap();
-    for c in clients {
-        let s = c.await.unwrap().unwrap();
-        assert_eq!(s.updates_accepted, 3, "{s:?}");
-        assert_eq!(s.finished, "all rounds completed");
-    }
+    let options = SimulationOptions::default();
+    let outcome = run_simulation(config, dir.path(), options, std::future::pending())
+        .await
+        .unwrap();
     let rounds = rundir::read_rounds(dir.path()).unwrap();
     assert_eq!(
         rounds.iter().map(|r| r.round).collect::<Vec<_>>(),
@@ -63,12 +59,9 @@ async fn three_clients_train_over_loopback_and_accuracy_improves() {
             .iter()
             .all(|r| r.aggregated.len() == 3 && r.closed_by == "all-submitted")
     );
-    let v0 = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
-        .unwrap()
-        .0;
-    let v3 = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 3))
-        .unwrap()
-        .0;
+    let run = RunLayout::new(dir.path());
+    let v0 = NamedTensors::load(&run.checkpoint(0)).unwrap().0;
+    let v3 = NamedTensors::load(&run.checkpoint(3)).unwrap().0;
     assert!(
         v3.sub(&v0).unwrap().l2_norm() > 1e-3,
         "global model did not move"
@@ -79,12 +72,30 @@ async fn three_clients_train_over_loopback_and_accuracy_improves() {
         "test accuracy {before:.3} -> {after:.3}"
     );
     assert_eq!(rounds[2].test.as_ref().unwrap().accuracy, after);
+    assert_eq!(outcome.final_accuracy, Some(after));
     // Intermediate rounds are evaluated on `round_test_limit` images, the last on all 200.
     let evaluated: Vec<usize> = rounds
         .iter()
         .map(|r| r.test.as_ref().unwrap().examples)
         .collect();
     assert_eq!(evaluated, vec![50, 50, 200]);
+    // The adversary attacked every accepted update and scored it against the audit records.
+    assert_eq!(outcome.attacked, Some(9));
+    let records = read_records(&run.attacks()).unwrap();
+    assert_eq!(records.len(), 9);
+    for r in &records {
+        assert!(run.audit().record(r.round, &r.client_id).exists());
+        assert!(run.attacks().picture(r.round, &r.client_id).exists());
+        let names: Vec<&str> = r.attacks.iter().map(|a| a.attack.as_str()).collect();
+        assert_eq!(names, ["april", "april-mjp", "mean-image"]);
+        assert!(r.attacks.iter().all(|a| a.scores.is_some()), "{r:?}");
+    }
+    let summaries = std::fs::read_to_string(run.attacks().round_summaries()).unwrap();
+    assert_eq!(summaries.lines().count(), 3 * 3, "{summaries}");
+    mjpfl_lab::report::write_run_report(dir.path()).unwrap();
+    let report = std::fs::read_to_string(run.report()).unwrap();
+    assert!(report.contains("3 rounds completed"), "{report}");
+    assert!(report.contains("| mean-image | 9 |"), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,10 +189,10 @@ async fn coordinator_killed_and_restarted_resumes_without_losing_or_repeating_ro
     assert!(committed >= 2);
     // Every version exists and each differs from the one before (each round applied once).
     for v in 1..=4u64 {
-        let a = NamedTensors::load(&rundir::RunDir::checkpoint_in(&run, v - 1))
+        let a = NamedTensors::load(&RunLayout::new(&run).checkpoint(v - 1))
             .unwrap()
             .0;
-        let b = NamedTensors::load(&rundir::RunDir::checkpoint_in(&run, v))
+        let b = NamedTensors::load(&RunLayout::new(&run).checkpoint(v))
             .unwrap()
             .0;
         assert!(b.sub(&a).unwrap().l2_norm() > 0.0);
@@ -316,7 +327,7 @@ async fn bad_updates_are_refused_with_their_status_and_leave_the_model_bit_ident
     };
     assert_eq!(bits(&before), bits(&after));
     // The checkpoint on disk too (loaded in the model's order, compared bit for bit).
-    let on_disk = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
+    let on_disk = NamedTensors::load(&RunLayout::new(dir.path()).checkpoint(0))
         .unwrap()
         .0;
     assert_eq!(bits(&before), bits(&on_disk));
@@ -347,7 +358,7 @@ async fn uploads_multiplexed_on_one_connection_all_complete() {
     config.data.skip_eval = true;
     let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
     let endpoint = format!("http://{}", coordinator.addr);
-    let channel = mjpfl_client::connection::connect(&endpoint).await.unwrap();
+    let channel = mjpfl_client::protocol::connect(&endpoint).await.unwrap();
     let mut raws = Vec::new();
     for _ in 0..clients {
         raws.push(RawClient::join_on(channel.clone(), "mjpfl").await.unwrap());

@@ -1,8 +1,8 @@
 //! The custom-client path: `examples/python-client/client.py`, written from the published proto
 //! alone, against a real coordinator on 127.0.0.1. It needs a Python with the packages of
-//! `examples/python-client/requirements.txt`: `$MJPFL_PYTHON` (which `.ci/run` sets up), or a
-//! `python3` that has them. Without either the tests say so and pass vacuously; with
-//! `MJPFL_PYTHON` set they must run.
+//! `examples/python-client/requirements.txt`: `$MJPFL_PYTHON` (which `scripts/test.sh`, the
+//! README's test command, sets up), or a `python3` that has them. Without either the tests fail
+//! and say how to get one: a test that cannot run is never reported as passed.
 
 mod common;
 
@@ -13,25 +13,24 @@ use std::time::Duration;
 use common::small_config;
 use mjp::NamedTensors;
 use mjp::fl::UpdateKind;
+use mjp::layout::RunLayout;
 use mjpfl_coordinator::{Coordinator, CoordinatorConfig, rundir};
 
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("MJPFL_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let ok = std::process::Command::new("python3")
+fn python() -> PathBuf {
+    let py =
+        std::env::var_os("MJPFL_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from);
+    let ok = std::process::Command::new(&py)
         .args(["-c", "import grpc_tools, numpy"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if ok {
-        Some("python3".into())
-    } else {
-        eprintln!(
-            "SKIPPED: no Python with grpcio-tools and numpy (set MJPFL_PYTHON; .ci/run does)"
-        );
-        None
-    }
+    assert!(
+        ok,
+        "{} lacks grpcio-tools or numpy: run the tests with scripts/test.sh (it makes a venv with \
+         examples/python-client/requirements.txt), or point MJPFL_PYTHON at such a Python",
+        py.display()
+    );
+    py
 }
 
 fn client_script() -> PathBuf {
@@ -81,7 +80,7 @@ async fn run_client(py: &Path, addr: &str, extra: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_trains_two_rounds_against_a_live_coordinator() {
-    let Some(py) = python() else { return };
+    let py = python();
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(config(2), dir.path()).await.unwrap();
     let addr = coordinator.addr.to_string();
@@ -98,10 +97,10 @@ async fn python_client_trains_two_rounds_against_a_live_coordinator() {
     let rounds = rundir::read_rounds(dir.path()).unwrap();
     assert_eq!(rounds.len(), 2);
     assert!(rounds.iter().all(|r| r.aggregated.len() == 1), "{rounds:?}");
-    let v0 = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
+    let v0 = NamedTensors::load(&RunLayout::new(dir.path()).checkpoint(0))
         .unwrap()
         .0;
-    let v2 = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 2))
+    let v2 = NamedTensors::load(&RunLayout::new(dir.path()).checkpoint(2))
         .unwrap()
         .0;
     assert!(
@@ -112,11 +111,11 @@ async fn python_client_trains_two_rounds_against_a_live_coordinator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_updates_from_the_python_client_are_refused_with_the_documented_status() {
-    let Some(py) = python() else { return };
+    let py = python();
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(config(1), dir.path()).await.unwrap();
     let addr = coordinator.addr.to_string();
-    let before = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
+    let before = NamedTensors::load(&RunLayout::new(dir.path()).checkpoint(0))
         .unwrap()
         .0;
     // docs/protocol.md: NaN and wrong shapes are INVALID_ARGUMENT, a bad checksum DATA_LOSS, an
@@ -128,7 +127,7 @@ async fn malformed_updates_from_the_python_client_are_refused_with_the_documente
     }
     coordinator.shutdown().await.unwrap();
     assert!(rundir::read_rounds(dir.path()).unwrap().is_empty());
-    let after = NamedTensors::load(&rundir::RunDir::checkpoint_in(dir.path(), 0))
+    let after = NamedTensors::load(&RunLayout::new(dir.path()).checkpoint(0))
         .unwrap()
         .0;
     assert_eq!(before.sub(&after).unwrap().l2_norm(), 0.0);

@@ -17,9 +17,11 @@
 use mjp::PeMode;
 use mjp::jigsaw::{JigsawPlan, SamplePlan};
 
+use crate::attack::{Attack, Knowledge, Reconstruction};
 use crate::case::AttackCase;
 use crate::error::{AttackError, Result};
 use crate::linalg::lstsq_min_norm;
+use crate::registry::Registration;
 use crate::victim::Victim;
 
 /// Which closed-form variant.
@@ -84,7 +86,7 @@ pub fn closed_form(case: &AttackCase, variant: ClosedFormVariant) -> Result<Clos
                 occluded[i] = norms[i] <= 1e-7 * max_norm;
             }
             if vit.has_dal() && case.config.dal_lambda > 0.0 {
-                let victim = Victim::new(vit, &case.global, case.config.dal_lambda)?;
+                let victim = Victim::new(vit, &case.global, case.config.dal_lambda, case.device)?;
                 let plan = JigsawPlan::shared(SamplePlan {
                     sources: (0..n).collect(),
                     occluded: occluded.clone(),
@@ -178,4 +180,54 @@ pub fn unpatchify(vit: &mjp::VitConfig, patches: &[Vec<f64>]) -> Vec<f32> {
         }
     }
     image
+}
+
+/// `april`: the closed form as published.
+pub const APRIL: Registration = Registration {
+    name: "april",
+    about: "closed-form PE attack (APRIL), batch 1",
+    build: |_| {
+        Box::new(ClosedFormAttack::new(
+            APRIL.name,
+            ClosedFormVariant::Standard,
+        ))
+    },
+};
+
+/// `april-mjp`: the closed form that knows MJP.
+pub const APRIL_MJP: Registration = Registration {
+    name: "april-mjp",
+    about: "MJP-aware closed form: occluded rows inferred, DAL removed, mean occluded patch",
+    build: |_| {
+        Box::new(ClosedFormAttack::new(
+            APRIL_MJP.name,
+            ClosedFormVariant::MjpAware,
+        ))
+    },
+};
+
+/// A closed-form variant as an [`Attack`].
+pub struct ClosedFormAttack {
+    name: &'static str,
+    variant: ClosedFormVariant,
+}
+
+impl ClosedFormAttack {
+    /// The attack `variant`, shown as `name`.
+    pub fn new(name: &'static str, variant: ClosedFormVariant) -> Self {
+        Self { name, variant }
+    }
+}
+
+impl Attack for ClosedFormAttack {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn reconstruct(&self, case: &AttackCase, _: &Knowledge<'_>) -> Result<Reconstruction> {
+        closed_form(case, self.variant).map(|r| Reconstruction {
+            images: r.image,
+            objective: None,
+        })
+    }
 }

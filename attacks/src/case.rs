@@ -26,11 +26,18 @@ pub struct AttackCase {
     pub batch_size: usize,
     /// Local steps behind the update.
     pub local_steps: u32,
+    /// Where the attacker computes (not part of the threat model).
+    pub device: mjp::DeviceSpec,
 }
 
 impl AttackCase {
     /// Builds the case of an intercepted update, given the global version it names.
-    pub fn from_observed(vit: VitConfig, global: NamedTensors, observed: &ObservedUpdate) -> Self {
+    pub fn from_observed(
+        vit: VitConfig,
+        global: NamedTensors,
+        observed: &ObservedUpdate,
+        device: mjp::DeviceSpec,
+    ) -> Self {
         Self {
             vit,
             global,
@@ -39,6 +46,7 @@ impl AttackCase {
             kind: observed.update.kind,
             batch_size: observed.update.batch_size.max(1) as usize,
             local_steps: observed.update.local_steps.max(1),
+            device,
         }
     }
 

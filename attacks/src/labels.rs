@@ -79,9 +79,10 @@ pub fn mean_probabilities(
     vit: &VitConfig,
     global: &NamedTensors,
     samples: usize,
+    device: mjp::DeviceSpec,
 ) -> Result<Vec<f64>> {
     use rand::Rng;
-    let device = mjp::DeviceSpec::Flex.device()?;
+    let device = device.device()?;
     let model = mjp::checkpoint::model_from_params(vit, global, &device)?;
     let mut rng = mjp::Seed(0).child("label-dummies", 0).rng();
     let n = samples.max(1);

@@ -14,10 +14,13 @@ use mjp::jigsaw::{JigsawPlan, SamplePlan};
 use mjp::params::NamedTensors;
 use rand::Rng;
 
+use crate::attack::{Attack, Knowledge, Reconstruction};
 use crate::case::AttackCase;
 use crate::error::Result;
 use crate::objective::{Matching, Objective, PE};
+use crate::registry::Registration;
 use crate::regulariser::total_variation;
+use crate::settings::AdversarySettings;
 use crate::victim::Victim;
 
 /// An optimisation attack's hyper-parameters.
@@ -182,7 +185,7 @@ pub fn optimise_from(
     let b = labels.len();
     let (c, s) = (vit.channels, vit.image_size);
     let per = c * s * s;
-    let victim = Victim::new(vit, &case.global, case.config.dal_lambda)?;
+    let victim = Victim::new(vit, &case.global, case.config.dal_lambda, case.device)?;
     let target = case.target_gradient();
     let plan = attacker_plan(case, config.adaptive);
     let mut rng = mjp::Seed(config.seed).child("attack-init", 0).rng();
@@ -268,6 +271,135 @@ pub fn optimise_from(
         iterations: iters * config.restarts.max(1),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// `ig`: Inverting Gradients (cosine + TV, signed Adam).
+pub const IG: Registration = Registration {
+    name: "ig",
+    about: "Inverting Gradients: cosine matching + TV, signed Adam",
+    build: |s| {
+        OptimisationAttack::boxed(IG.name, OptimisationConfig::inverting_gradients(false), s)
+    },
+};
+
+/// `ig-pe`: Inverting Gradients with the PE-gradient term (APRIL-optimisation).
+pub const IG_PE: Registration = Registration {
+    name: "ig-pe",
+    about: "Inverting Gradients with an extra term on the PE gradient",
+    build: |s| {
+        OptimisationAttack::boxed(IG_PE.name, OptimisationConfig::inverting_gradients(true), s)
+    },
+};
+
+/// `ig-pe-adaptive`: [`IG_PE`] whose forward pass gives occluded positions the unk PE.
+pub const IG_PE_ADAPTIVE: Registration = Registration {
+    name: "ig-pe-adaptive",
+    about: "MJP-aware ig-pe: occluded positions get the unk PE in the attacker's forward pass",
+    build: |s| {
+        OptimisationAttack::boxed(
+            IG_PE_ADAPTIVE.name,
+            OptimisationConfig {
+                adaptive: true,
+                ..OptimisationConfig::inverting_gradients(true)
+            },
+            s,
+        )
+    },
+};
+
+/// `dlg`: Deep Leakage from Gradients (L2, plain Adam).
+pub const DLG: Registration = Registration {
+    name: "dlg",
+    about: "DLG: squared-L2 matching, plain Adam",
+    build: |s| OptimisationAttack::boxed(DLG.name, OptimisationConfig::dlg(false), s),
+};
+
+/// `dlg-pe`: DLG with the PE-gradient term.
+pub const DLG_PE: Registration = Registration {
+    name: "dlg-pe",
+    about: "DLG with an extra term on the PE gradient",
+    build: |s| OptimisationAttack::boxed(DLG_PE.name, OptimisationConfig::dlg(true), s),
+};
+
+impl OptimisationConfig {
+    /// This configuration with the adversary's overrides applied (the PE and embedding weights
+    /// only where the attack has a PE term).
+    pub fn with_settings(mut self, s: &AdversarySettings) -> Self {
+        self.iterations = s.iterations;
+        if let Some(v) = s.lr {
+            self.lr = v;
+        }
+        if let Some(v) = s.tv {
+            self.tv_weight = v;
+        }
+        if let Some(v) = s.pe_weight
+            && self.objective.pe_weight > 0.0
+        {
+            self.objective.pe_weight = v;
+        }
+        if let Some(v) = s.embed_weight
+            && self.objective.pe_weight > 0.0
+        {
+            self.objective.embed_weight = v;
+        }
+        if let Some(v) = s.restarts {
+            self.restarts = v;
+        }
+        if s.unsigned {
+            self.signed = false;
+        }
+        if s.init_noise {
+            self.init_mean_image = false;
+        }
+        self
+    }
+}
+
+/// An optimisation attack as an [`Attack`].
+pub struct OptimisationAttack {
+    name: &'static str,
+    /// Its hyper-parameters.
+    pub config: OptimisationConfig,
+}
+
+impl OptimisationAttack {
+    /// The attack `config` (with the adversary's overrides), shown as `name`.
+    pub fn boxed(
+        name: &'static str,
+        config: OptimisationConfig,
+        settings: &AdversarySettings,
+    ) -> Box<dyn Attack> {
+        Box::new(Self {
+            name,
+            config: config.with_settings(settings),
+        })
+    }
+}
+
+impl Attack for OptimisationAttack {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn reconstruct(&self, case: &AttackCase, knowledge: &Knowledge<'_>) -> Result<Reconstruction> {
+        let vit = &case.vit;
+        let per = vit.channels * vit.image_size * vit.image_size;
+        let start = knowledge
+            .mean_image
+            .filter(|m| self.config.init_mean_image && m.len() == per)
+            .map(|m| m.repeat(case.batch_size));
+        optimise_from(
+            case,
+            knowledge.labels,
+            &self.config,
+            start.as_deref(),
+            |_, _| {},
+        )
+        .map(|o| Reconstruction {
+            images: o.images,
+            objective: Some(o.objective),
+        })
+    }
 }
 
 fn gaussian(rng: &mut impl Rng) -> f64 {

@@ -24,9 +24,14 @@ pub struct Victim {
 }
 
 impl Victim {
-    /// Builds the model at `params` on the flex autodiff device.
-    pub fn new(vit: &VitConfig, params: &NamedTensors, lambda: f64) -> Result<Self> {
-        let device = mjp::DeviceSpec::Flex.device()?.autodiff();
+    /// Builds the model at `params` on `device` (with autodiff).
+    pub fn new(
+        vit: &VitConfig,
+        params: &NamedTensors,
+        lambda: f64,
+        device: mjp::DeviceSpec,
+    ) -> Result<Self> {
+        let device = device.device()?.autodiff();
         let model = mjp::checkpoint::model_from_params(vit, params, &device)?;
         Ok(Self {
             vit: vit.clone(),

@@ -66,6 +66,7 @@ fn case(vit: &VitConfig, image: &[f32], label: u32, ratio: f64) -> AttackCase {
         kind: UpdateKind::FedSgd,
         batch_size: 1,
         local_steps: 1,
+        device: mjp::DeviceSpec::Flex,
     }
 }
 
@@ -77,7 +78,7 @@ fn hessian_vector_product_matches_input_space_finite_differences() {
     let (images, labels) = fixture_images(1);
     let device = mjp::DeviceSpec::Flex.device().unwrap();
     let params = NamedTensors::from_module(&Vit::new(&vit, Seed(9), &device));
-    let victim = Victim::new(&vit, &params, 0.0).unwrap();
+    let victim = Victim::new(&vit, &params, 0.0, mjp::DeviceSpec::Flex).unwrap();
     // v: a fixed random direction in parameter space.
     let mut rng = Seed(4).rng();
     let mut v = params.clone();
@@ -168,7 +169,7 @@ fn cosine_objective_is_zero_at_the_true_gradient() {
         .with_pe(PeMode::Learned);
     let (images, labels) = fixture_images(1);
     let c = case(&vit, &images, labels[0], 0.0);
-    let victim = Victim::new(&vit, &c.global, 0.01).unwrap();
+    let victim = Victim::new(&vit, &c.global, 0.01, mjp::DeviceSpec::Flex).unwrap();
     let g = victim.parameter_gradient(
         &images
             .iter()

@@ -4,11 +4,14 @@
 //! version), trains locally with the round's MJP setting on its data partition, and streams its
 //! update back; reconnects with backoff when the coordinator restarts. Also the observer
 //! connection the adversary uses.
+//!
+//! Layout: `protocol` (the Federation protocol on domain types: connect, join, task, download,
+//! submit, status), `runner` (the training client's loop and retry policy), `observer` (the
+//! adversary's tap connection), `error`.
 
-pub mod connection;
 pub mod error;
 pub mod observer;
-pub mod partition;
+pub mod protocol;
 pub mod runner;
 
 pub use error::{ClientError, Result};

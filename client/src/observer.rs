@@ -8,8 +8,8 @@ use mjpfl_proto::v1;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::connection::{connect, observer_client, receive_model_with_config};
 use crate::error::{ClientError, Result};
+use crate::protocol::{connect, observer_client, receive_model_with_config};
 
 /// A connection to a coordinator's Observer endpoint.
 #[derive(Clone)]

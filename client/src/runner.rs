@@ -1,23 +1,21 @@
 //! The training client's loop: join, poll for tasks, download (cached by version), train locally,
 //! upload; back off and re-join when the coordinator goes away or restarts; exit when the
-//! federation finishes.
+//! federation finishes. It speaks to the coordinator only through [`Protocol`] (domain types), and
+//! retries only what the coordinator or the wire got wrong: a local failure ends the client.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mjp::data::{DataSource, Dataset, Split};
-use mjp::fl::{AuditRecord, local_update};
-use mjp::params::NamedTensors;
+use mjp::fl::{AuditRecord, RoundConfig, local_update};
+use mjp::layout::AuditLayout;
 use mjp::{DeviceSpec, Seed, Vit, VitConfig};
-use mjpfl_proto::{convert, v1};
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::connection::{self, federation_client};
 use crate::error::{ClientError, Result};
-use crate::partition::PartitionScheme;
+use crate::protocol::{JoinParams, Joined, PartitionInfo, Protocol, Task};
 
 /// How a client runs.
 #[derive(Clone, Debug)]
@@ -77,12 +75,10 @@ pub struct ClientSummary {
     pub finished: String,
 }
 
+/// A joined session: the connection it was made on and what the join returned.
 struct Session {
-    client: v1::federation_client::FederationClient<Channel>,
-    client_id: String,
-    token: String,
-    vit: VitConfig,
-    max_chunk: usize,
+    protocol: Protocol,
+    joined: Joined,
 }
 
 /// Local state that survives re-joins: the partition and the model cache.
@@ -116,8 +112,8 @@ pub async fn run(
             None => match join(&config, &mut local, &previous_token).await {
                 Ok(s) => {
                     summary.joins += 1;
-                    summary.client_id = s.client_id.clone();
-                    previous_token = s.token.clone();
+                    summary.client_id = s.joined.client_id.clone();
+                    previous_token = s.joined.token.clone();
                     backoff.reset();
                     session.insert(s)
                 }
@@ -130,15 +126,15 @@ pub async fn run(
             },
         };
         let task = tokio::select! {
-            t = s.client.get_task(v1::GetTaskRequest { session_token: s.token.clone() }) => t,
+            t = s.protocol.task(&s.joined.token) => t,
             _ = shutdown.changed() => continue,
         };
         let task = match task {
             Ok(t) => {
                 backoff.reset();
-                t.into_inner()
+                t
             }
-            Err(status) if status.code() == Code::Unauthenticated => {
+            Err(e) if e.code() == Some(Code::Unauthenticated) => {
                 // The coordinator restarted and forgot this session: join again.
                 tracing::info!(
                     "{}: session unknown to the coordinator; re-joining",
@@ -147,21 +143,31 @@ pub async fn run(
                 session = None;
                 continue;
             }
-            Err(status) => {
+            Err(e @ ClientError::Refused { .. }) => {
                 // Transient (coordinator restarting, network): keep the session, retry.
-                backoff
-                    .wait(
-                        &config.name,
-                        ClientError::refused("GetTask", status),
-                        &mut shutdown,
-                    )
-                    .await?;
+                backoff.wait(&config.name, e, &mut shutdown).await?;
                 continue;
             }
+            Err(e) if e.is_protocol_damage() => {
+                // The coordinator answered, with a task this client cannot read (no recipe, an
+                // unknown update kind): drop the cached model and ask again.
+                backoff.reset();
+                tracing::warn!("{}: {e}; retrying the task", config.name);
+                local.model = None;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
-        match task.kind {
-            Some(v1::task::Kind::Train(t)) => {
-                match train_and_submit(&config, s, &mut local, t).await {
+        match task {
+            Task::Train {
+                round,
+                model_version,
+                config: round_config,
+            } => {
+                let trained =
+                    train_and_submit(&config, s, &mut local, round, model_version, round_config)
+                        .await;
+                match trained {
                     Ok(()) => summary.updates_accepted += 1,
                     Err(e) => match e.code() {
                         Some(Code::Unauthenticated) => {
@@ -177,27 +183,26 @@ pub async fn run(
                         }
                         // A damaged download or a malformed reply: drop the cached model and ask
                         // for the task again rather than exit.
-                        None if matches!(e, ClientError::Wire(_) | ClientError::Protocol(_)) => {
+                        None if e.is_protocol_damage() => {
                             tracing::warn!("{}: {e}; retrying the task", config.name);
                             local.model = None;
                         }
+                        // Local failures (a panicked training task, a model that does not build,
+                        // an audit write): retrying would repeat them.
                         None => return Err(e),
                     },
                 }
             }
-            Some(v1::task::Kind::Wait(w)) => {
-                let pause = Duration::from_millis(u64::from(w.retry_after_ms.clamp(10, 30_000)));
+            Task::Wait(pause) => {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.changed() => {}
                 }
             }
-            Some(v1::task::Kind::Finished(f)) => {
-                summary.finished = f.reason;
+            Task::Finished(reason) => {
+                summary.finished = reason;
                 return Ok(summary);
             }
-            // A task kind newer than this client: treat it as "not now".
-            None => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }
@@ -244,72 +249,55 @@ impl Backoff {
 }
 
 async fn join(config: &ClientConfig, local: &mut Local, previous_token: &str) -> Result<Session> {
-    let mut client = federation_client(connection::connect(&config.endpoint).await?);
-    let examples = local.data.as_ref().map_or(0, |(_, d)| d.len() as u64);
-    let reply = client
-        .join(v1::JoinRequest {
-            client_name: config.name.clone(),
-            capabilities: Some(v1::Capabilities {
-                device: config.device.to_string(),
-                num_examples: examples,
-                audit: config.audit_dir.is_some(),
-            }),
-            join_secret: config.join_secret.clone(),
+    let mut protocol = Protocol::connect(&config.endpoint).await?;
+    let joined = protocol
+        .join(&JoinParams {
+            name: config.name.clone(),
+            secret: config.join_secret.clone(),
+            device: config.device.to_string(),
+            num_examples: local.data.as_ref().map_or(0, |(_, d)| d.len() as u64),
+            audit: config.audit_dir.is_some(),
             partition_hint: local
                 .data
                 .as_ref()
                 .map_or(config.partition_hint, |(p, _)| *p as i32),
-            previous_session_token: previous_token.to_string(),
+            previous_token: previous_token.to_string(),
         })
-        .await
-        .map_err(|s| ClientError::refused("Join", s))?
-        .into_inner();
-    let info = reply
-        .federation
-        .ok_or_else(|| ClientError::Protocol("Join reply without federation info".into()))?;
-    let vit: VitConfig = serde_json::from_str(&info.model_config_json)
-        .map_err(|e| ClientError::Protocol(format!("bad model config from coordinator: {e}")))?;
+        .await?;
+    let partition = &joined.partition;
     if local
         .data
         .as_ref()
-        .is_none_or(|(p, _)| *p != info.partition_index)
+        .is_none_or(|(p, _)| *p != partition.index)
     {
-        let data = load_partition(config, &info, &vit).await?;
+        let data = load_partition(config, partition, &joined.vit).await?;
         tracing::info!(
             "{} joined as {}: partition {} of {} ({} examples)",
             config.name,
-            reply.client_id,
-            info.partition_index,
-            info.num_partitions,
+            joined.client_id,
+            partition.index,
+            partition.count,
             data.len()
         );
-        local.data = Some((info.partition_index, Arc::new(data)));
+        local.data = Some((partition.index, Arc::new(data)));
     }
-    Ok(Session {
-        client,
-        client_id: reply.client_id,
-        token: reply.session_token,
-        vit,
-        max_chunk: (info.max_chunk_bytes as usize).clamp(4, mjpfl_proto::MAX_CHUNK_BYTES),
-    })
+    Ok(Session { protocol, joined })
 }
 
 async fn load_partition(
     config: &ClientConfig,
-    info: &v1::FederationInfo,
+    partition: &PartitionInfo,
     vit: &VitConfig,
 ) -> Result<Dataset> {
     let source: DataSource = match &config.data {
         Some(d) => d.clone(),
-        None => info.dataset.parse()?,
+        None => partition.dataset.parse()?,
     };
-    let scheme: PartitionScheme = serde_json::from_str(&info.partition_json).map_err(|e| {
-        ClientError::Protocol(format!("bad partition scheme from coordinator: {e}"))
-    })?;
-    let (data_dir, seed, index, vit) = (
+    let (data_dir, scheme, seed, index, vit) = (
         config.data_dir.clone(),
-        info.seed,
-        info.partition_index as usize,
+        partition.scheme.clone(),
+        partition.seed,
+        partition.index as usize,
         vit.clone(),
     );
     tokio::task::spawn_blocking(move || -> Result<Dataset> {
@@ -327,38 +315,22 @@ async fn load_partition(
         Ok(train.subset(mine))
     })
     .await
-    .map_err(|e| ClientError::Protocol(format!("data loading task failed: {e}")))?
+    .map_err(|e| ClientError::task("data loading", e))?
 }
 
 async fn train_and_submit(
     config: &ClientConfig,
     s: &mut Session,
     local: &mut Local,
-    task: v1::TrainTask,
+    round: u32,
+    version: u64,
+    round_config: RoundConfig,
 ) -> Result<()> {
-    let round_config = convert::round_config_from_wire(
-        task.config
-            .as_ref()
-            .ok_or_else(|| ClientError::Protocol("train task without config".into()))?,
-    )?;
     let device = config.device.device()?.autodiff();
-    if local
-        .model
-        .as_ref()
-        .is_none_or(|(v, _)| *v != task.model_version)
-    {
-        let stream = s
-            .client
-            .download_model(v1::DownloadModelRequest {
-                session_token: s.token.clone(),
-                model_version: task.model_version,
-            })
-            .await
-            .map_err(|st| ClientError::refused("DownloadModel", st))?
-            .into_inner();
-        let params: NamedTensors = connection::receive_model(stream, task.model_version).await?;
-        let model = mjp::checkpoint::model_from_params(&s.vit, &params, &device)?;
-        local.model = Some((task.model_version, model));
+    if local.model.as_ref().is_none_or(|(v, _)| *v != version) {
+        let params = s.protocol.download(&s.joined.token, version).await?;
+        let model = mjp::checkpoint::model_from_params(&s.joined.vit, &params, &device)?;
+        local.model = Some((version, model));
     }
     let (_, model) = local.model.as_ref().expect("model cached above");
     let data = local
@@ -368,20 +340,13 @@ async fn train_and_submit(
         .1
         .clone();
     let _permit = match &config.training_permits {
-        Some(p) => Some(
-            p.clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| ClientError::Protocol("shutting down".into()))?,
-        ),
+        Some(p) => {
+            let closed = |_| ClientError::Local("training permits closed: shutting down".into());
+            Some(p.clone().acquire_owned().await.map_err(closed)?)
+        }
         None => None,
     };
-    let (model, client_id, round, version) = (
-        model.clone(),
-        s.client_id.clone(),
-        task.round,
-        task.model_version,
-    );
+    let (model, client_id) = (model.clone(), s.joined.client_id.clone());
     let result = tokio::task::spawn_blocking(move || {
         local_update(
             &model,
@@ -394,13 +359,15 @@ async fn train_and_submit(
         )
     })
     .await
-    .map_err(|e| ClientError::Protocol(format!("training task failed: {e}")))??;
+    .map_err(|e| ClientError::task("training", e))??;
     drop(_permit);
     if let Some(dir) = &config.audit_dir {
-        write_audit(dir, &result.audit)?;
+        write_audit(&AuditLayout::new(dir), &result.audit)?;
     }
-    let messages = connection::update_messages(&result.update, &s.token, s.max_chunk);
-    let reply = connection::submit(&mut s.client, messages).await?;
+    let reply = s
+        .protocol
+        .submit(&s.joined.token, &result.update, s.joined.max_chunk)
+        .await?;
     tracing::debug!(
         "{}: round {} update accepted ({} received)",
         config.name,
@@ -411,11 +378,10 @@ async fn train_and_submit(
 }
 
 /// Writes the ground truth of one update for the scorer (never read by the attacker).
-pub fn write_audit(dir: &std::path::Path, record: &AuditRecord) -> Result<()> {
-    let path = dir
-        .join(format!("round-{:04}", record.round))
-        .join(format!("{}.json", record.client_id));
-    let json = serde_json::to_vec(record).map_err(|e| ClientError::Protocol(e.to_string()))?;
+pub fn write_audit(audit: &AuditLayout, record: &AuditRecord) -> Result<()> {
+    let path = audit.record(record.round, &record.client_id);
+    let json =
+        serde_json::to_vec(record).map_err(|e| ClientError::Local(format!("audit record: {e}")))?;
     mjp::fsutil::write_atomic(&path, &json)?;
     Ok(())
 }

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use mjp::data::DataSource;
 use mjp::fl::UpdateKind;
+use mjp::partition::PartitionScheme;
 use mjp::train::OptimizerKind;
-use mjp::{DalKind, PeMode, VitConfig};
-use mjpfl_client::partition::PartitionScheme;
+use mjp::{DalKind, DeviceSpec, PeMode, VitConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{AggregatorKind, ServerOptimizer};
@@ -260,6 +260,15 @@ pub struct ServerSection {
     pub tap_queue: usize,
     /// Largest tensor chunk accepted, bytes.
     pub max_chunk_bytes: usize,
+    /// Where the coordinator builds the initial model and evaluates the global one (`flex`,
+    /// `tch-cpu`, `tch-cuda:N`). Written to `config.toml` only when it is not `flex`, so the
+    /// resolved configuration of a default run reads as it did before the key existed.
+    #[serde(skip_serializing_if = "is_flex")]
+    pub device: DeviceSpec,
+}
+
+fn is_flex(device: &DeviceSpec) -> bool {
+    *device == DeviceSpec::Flex
 }
 
 impl Default for ServerSection {
@@ -269,6 +278,7 @@ impl Default for ServerSection {
             max_concurrent_uploads: 2,
             tap_queue: 256,
             max_chunk_bytes: mjpfl_proto::MAX_CHUNK_BYTES,
+            device: DeviceSpec::Flex,
         }
     }
 }
@@ -358,6 +368,17 @@ mod tests {
         c.validate().unwrap();
         let back: CoordinatorConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn server_device_defaults_to_flex_and_is_recorded_otherwise() {
+        let old: CoordinatorConfig = toml::from_str("[server]\ntap_queue = 8").unwrap();
+        assert_eq!(old.server.device, DeviceSpec::Flex);
+        assert!(!CoordinatorConfig::default().to_toml().contains("device"));
+        let mut c = CoordinatorConfig::default();
+        c.server.device = DeviceSpec::TchCuda(1);
+        let back: CoordinatorConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back.server.device, DeviceSpec::TchCuda(1));
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 /// Errors of the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
-    /// Configuration that cannot work.
+    /// Configuration that cannot work (values out of range, an initial checkpoint that does not
+    /// fit).
     #[error("configuration: {0}")]
     Config(String),
     /// A configuration file that cannot be parsed.
@@ -19,6 +20,40 @@ pub enum CoordinatorError {
     /// Model, data or checkpoint failure.
     #[error(transparent)]
     Model(#[from] mjp::MjpError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address from `[server] listen`.
+        addr: String,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
+    /// A task of the coordinator (startup, round driver, round commit) panicked or was cancelled.
+    #[error("{task} task failed: {source}")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// The join error (panic or cancellation).
+        source: tokio::task::JoinError,
+    },
+    /// A round missed `min_fit` on every attempt; the federation stopped.
+    #[error("round {round} could not collect min_fit={min_fit} updates after {attempts} attempts")]
+    Starved {
+        /// The round.
+        round: u32,
+        /// Updates it needed.
+        min_fit: u32,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The aggregated model is not finite; the round was not committed.
+    #[error("round {round}: aggregated model is not finite ({reason}); lower the learning rates")]
+    Diverged {
+        /// The round.
+        round: u32,
+        /// Which tensor went non-finite.
+        reason: String,
+    },
     /// I/O on a named path.
     #[error("{path}: {source}")]
     Io {
@@ -47,6 +82,11 @@ impl CoordinatorError {
             path: path.into(),
             source,
         }
+    }
+
+    /// Wraps the join error of a coordinator task.
+    pub fn task(task: &'static str, source: tokio::task::JoinError) -> Self {
+        Self::TaskFailed { task, source }
     }
 }
 

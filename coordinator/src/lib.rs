@@ -5,9 +5,18 @@
 //! optimiser, evaluation, checkpoints and the run directory, and the interception tap the
 //! honest-but-curious adversary reads.
 //!
-//! Layout follows one concern per module: `config` (TOML), `schedule` (shuffle ratios),
-//! `aggregate` (strategies and server optimiser), `rundir` (files), `tap` (observers),
-//! `federation` (the state machine), `service` (the gRPC edge), `server` (serving and shutdown).
+//! Layout, one concern per module:
+//!
+//! - `config`: the TOML configuration (every section, defaults, validation);
+//! - `schedule`: the MJP shuffle-ratio schedule;
+//! - `aggregate`: aggregation strategies and the server optimiser;
+//! - `rundir`: the run directory's files;
+//! - `tap`: the interception tap observers read;
+//! - `federation`: the state machine shared by services and driver, with its behaviour in
+//!   `federation/membership` (join, sessions), `federation/round` (sampling, round configs,
+//!   tasks, admission, acceptance) and `federation/driver` (round loop, commit, evaluation);
+//! - `service`: the gRPC edge (wire types in and out, refusals to statuses);
+//! - `server`: binding, serving and shutdown.
 
 pub mod aggregate;
 pub mod config;

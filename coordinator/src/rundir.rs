@@ -1,13 +1,6 @@
-//! The run directory of one federation:
-//!
-//! ```text
-//! config.toml                          resolved configuration
-//! rounds.jsonl                         one RoundRecord per completed round
-//! checkpoints/round-NNNN.safetensors   global model version N (after round N; 0 = initial)
-//! checkpoints/server-opt.safetensors   server optimiser moments (Adam) of the last round
-//! state.json                           the commit point: last completed round
-//! audit/ attacks/ report.md            written by clients, the adversary and the report
-//! ```
+//! The coordinator's side of a federation's run directory (paths: [`mjp::layout::RunLayout`]):
+//! the resolved configuration, one round record per committed round, the global model of every
+//! version, the server optimiser's moments, and `state.json`, the commit point.
 //!
 //! A round is committed by writing its checkpoint, appending its record, then rewriting
 //! `state.json` (each write atomic). On restart, records past `state.json` are dropped, so a
@@ -17,6 +10,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use mjp::layout::RunLayout;
 use mjp::params::NamedTensors;
 use mjp::train::EvalReport;
 use mjp::{NamedTensor, VitConfig};
@@ -66,46 +60,47 @@ pub struct RunState {
 /// A federation's run directory.
 #[derive(Clone, Debug)]
 pub struct RunDir {
-    root: PathBuf,
+    layout: RunLayout,
 }
 
 impl RunDir {
     /// Opens (creating) a run directory.
     pub fn open(root: &Path) -> Result<Self> {
-        for d in ["checkpoints", "attacks", "audit"] {
-            let p = root.join(d);
+        let layout = RunLayout::new(root);
+        for p in [
+            layout.checkpoints(),
+            layout.attacks().dir().to_path_buf(),
+            layout.audit().dir().to_path_buf(),
+        ] {
             std::fs::create_dir_all(&p).map_err(|e| CoordinatorError::io(&p, e))?;
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { layout })
     }
 
     /// The directory.
     pub fn root(&self) -> &Path {
-        &self.root
+        self.layout.root()
+    }
+
+    /// Its layout.
+    pub fn layout(&self) -> &RunLayout {
+        &self.layout
     }
 
     /// Path of model version `v`.
     pub fn checkpoint_path(&self, version: u64) -> PathBuf {
-        Self::checkpoint_in(&self.root, version)
-    }
-
-    /// Path of model version `v` under a run directory `root`.
-    pub fn checkpoint_in(root: &Path, version: u64) -> PathBuf {
-        root.join("checkpoints")
-            .join(format!("round-{version:04}.safetensors"))
+        self.layout.checkpoint(version)
     }
 
     /// The committed state, if this directory holds a run.
     pub fn state(&self) -> Result<Option<RunState>> {
-        let p = self.root.join("state.json");
+        let p = self.layout.state();
         match std::fs::read(&p) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes)
                     .map(Some)
                     .map_err(|e| CoordinatorError::RunDir {
-                        path: self.root.clone(),
+                        path: self.root().to_path_buf(),
                         reason: format!("state.json is corrupt: {e}"),
                     })
             }
@@ -117,7 +112,7 @@ impl RunDir {
     /// Writes the resolved config.
     pub fn write_config(&self, toml: &str) -> Result<()> {
         Ok(mjp::fsutil::write_atomic(
-            &self.root.join("config.toml"),
+            &self.layout.config(),
             toml.as_bytes(),
         )?)
     }
@@ -142,7 +137,7 @@ impl RunDir {
     /// Commits a completed round: record appended, then state.json moved forward.
     pub fn commit_round(&self, record: &RoundRecord, server: &ServerState) -> Result<()> {
         self.save_server_state(server)?;
-        let path = self.root.join("rounds.jsonl");
+        let path = self.layout.rounds();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -155,7 +150,7 @@ impl RunDir {
             completed_rounds: record.round,
         };
         mjp::fsutil::write_atomic(
-            &self.root.join("state.json"),
+            &self.layout.state(),
             serde_json::to_string(&state).expect("state").as_bytes(),
         )?;
         Ok(())
@@ -165,7 +160,7 @@ impl RunDir {
     /// file so they cannot be counted twice).
     pub fn rounds(&self) -> Result<Vec<RoundRecord>> {
         let committed = self.state()?.map_or(0, |s| s.completed_rounds);
-        let records = read_rounds(&self.root)?;
+        let records = read_rounds(self.root())?;
         let keep: Vec<RoundRecord> = records
             .iter()
             .filter(|r| r.round <= committed)
@@ -176,7 +171,7 @@ impl RunDir {
                 .iter()
                 .map(|r| serde_json::to_string(r).expect("record") + "\n")
                 .collect();
-            mjp::fsutil::write_atomic(&self.root.join("rounds.jsonl"), text.as_bytes())?;
+            mjp::fsutil::write_atomic(&self.layout.rounds(), text.as_bytes())?;
         }
         Ok(keep)
     }
@@ -200,13 +195,12 @@ impl RunDir {
                 }))
                 .collect();
         let meta = HashMap::from([("step".to_string(), s.step.to_string())]);
-        Ok(NamedTensors::new(tensors)
-            .save(&self.root.join("checkpoints/server-opt.safetensors"), meta)?)
+        Ok(NamedTensors::new(tensors).save(&self.layout.server_optimiser(), meta)?)
     }
 
     /// The server optimiser state saved with the last committed round (empty if none).
     pub fn load_server_state(&self) -> Result<ServerState> {
-        let p = self.root.join("checkpoints/server-opt.safetensors");
+        let p = self.layout.server_optimiser();
         if !p.exists() {
             return Ok(ServerState::default());
         }
@@ -226,7 +220,7 @@ impl RunDir {
 
 /// Reads rounds.jsonl of a run directory as it is (for reports).
 pub fn read_rounds(root: &Path) -> Result<Vec<RoundRecord>> {
-    let path = root.join("rounds.jsonl");
+    let path = RunLayout::new(root).rounds();
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

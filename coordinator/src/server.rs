@@ -48,10 +48,12 @@ impl Coordinator {
             move || Federation::open(config, &run_dir)
         })
         .await
-        .map_err(|e| CoordinatorError::Config(format!("startup task failed: {e}")))??;
-        let listener = TcpListener::bind(&listen)
-            .await
-            .map_err(|e| CoordinatorError::Config(format!("cannot listen on {listen}: {e}")))?;
+        .map_err(|e| CoordinatorError::task("startup", e))??;
+        let bound = TcpListener::bind(&listen).await;
+        let listener = bound.map_err(|source| CoordinatorError::Listen {
+            addr: listen,
+            source,
+        })?;
         let addr = listener
             .local_addr()
             .map_err(|e| CoordinatorError::io(run_dir, e))?;
@@ -105,7 +107,7 @@ impl Coordinator {
         } = self;
         let outcome = driver
             .await
-            .map_err(|e| CoordinatorError::Config(format!("round driver panicked: {e}")))?;
+            .map_err(|e| CoordinatorError::task("round driver", e))?;
         // Give clients a moment to hear "finished" before the listener closes; end the observer
         // streams so the server's graceful shutdown does not wait on them.
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
@@ -121,7 +123,7 @@ impl Coordinator {
         let _ = self.shutdown.send(true);
         let driver = self.driver.await;
         let _ = self.server.await;
-        driver.map_err(|e| CoordinatorError::Config(format!("round driver panicked: {e}")))?
+        driver.map_err(|e| CoordinatorError::task("round driver", e))?
     }
 
     /// Runs until completion or until `signal` resolves (Ctrl-C, SIGTERM), whichever is first.

@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mjp::fl::ObservedUpdate;
+use mjp::fl::{ObservedUpdate, UploadHeader};
 use mjp::params::NamedTensors;
-use mjpfl_proto::convert::{self, Assembler};
+use mjpfl_proto::convert::{self, DeclaredTensors};
 use mjpfl_proto::v1;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -52,22 +52,13 @@ impl FederationService {
     /// fully valid update reaches the aggregate.
     async fn receive_update(
         &self,
-        header: v1::UpdateHeader,
+        header: UploadHeader,
+        declared: DeclaredTensors,
         mut stream: Streaming<v1::UpdateMessage>,
     ) -> Result<u32, Status> {
         let client = self.fed.authenticate(&header.session_token)?;
-        let kind = convert::kind_from_wire(header.kind);
-        let ticket = self
-            .fed
-            .admit(&client, header.round, header.model_version, kind)?;
-        let dtypes = convert::check_specs(&header.tensors, self.fed.manifest())?;
-        let expected = convert::expected_bytes(&header.tensors, &dtypes);
-        if header.total_bytes != expected as u64 {
-            return Err(Status::invalid_argument(format!(
-                "header declares {} bytes, the declared tensors take {expected}",
-                header.total_bytes,
-            )));
-        }
+        let ticket = self.fed.admit(&client, &header)?;
+        let layout = declared.check(self.fed.manifest(), header.total_bytes)?;
         // One model's worth of memory per update being decoded: bound how many at once, and
         // allocate nothing for an update until it holds a permit.
         let _permit = self
@@ -76,11 +67,7 @@ impl FederationService {
             .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("coordinator shutting down"))?;
-        let mut assembler = Assembler::new(
-            &header.tensors,
-            &dtypes,
-            self.fed.config().server.max_chunk_bytes,
-        );
+        let mut assembler = layout.assembler(self.fed.config().server.max_chunk_bytes);
         loop {
             match stream.message().await {
                 Ok(Some(v1::UpdateMessage {
@@ -112,7 +99,7 @@ impl FederationService {
             }
         }
         let tensors = assembler.finish()?;
-        let update = convert::update_from_header(&header, tensors)?;
+        let update = header.into_update(ticket.kind, tensors);
         Ok(self.fed.accept(ticket, update)?)
     }
 }
@@ -252,8 +239,9 @@ impl v1::federation_server::Federation for FederationService {
             }
             None => return Err(Status::invalid_argument("empty SubmitUpdate stream")),
         };
+        let (header, declared) = convert::upload_header_from_wire(header);
         let round = header.round;
-        match self.receive_update(header, stream).await {
+        match self.receive_update(header, declared, stream).await {
             Ok(received) => Ok(Response::new(v1::SubmitUpdateResponse {
                 accepted: true,
                 round,

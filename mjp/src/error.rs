@@ -38,6 +38,9 @@ pub enum MjpError {
     /// A configuration value out of range or inconsistent with another.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A partition scheme that cannot split the training set (bad parameters, too little data).
+    #[error("partition: {0}")]
+    Partition(String),
     /// A checkpoint that cannot be read or does not fit the model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {

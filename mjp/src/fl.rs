@@ -136,6 +136,48 @@ pub struct ModelUpdate {
     pub tensors: NamedTensors,
 }
 
+/// What an update's sender declares before its tensors arrive, as the coordinator receives it.
+/// The tensor layout (names, shapes, wire element types) stays at the wire edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadHeader {
+    /// Session token of the sender.
+    pub session_token: String,
+    /// Round the update claims to belong to.
+    pub round: u32,
+    /// Global version it claims to be computed from.
+    pub model_version: u64,
+    /// Gradient or delta; `None` when the sender left it unset, so that the round checks refuse
+    /// it in their usual order (an unknown session is refused before a missing kind).
+    pub kind: Option<UpdateKind>,
+    /// Local batch size.
+    pub batch_size: u32,
+    /// Examples behind the update (its aggregation weight).
+    pub num_examples: u64,
+    /// Local steps.
+    pub local_steps: u32,
+    /// Client metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// Tensor bytes the sender says follow.
+    pub total_bytes: u64,
+}
+
+impl UploadHeader {
+    /// The update this header announced, once its tensors have arrived; `kind` is the header's
+    /// kind as the round admitted it.
+    pub fn into_update(self, kind: UpdateKind, tensors: NamedTensors) -> ModelUpdate {
+        ModelUpdate {
+            round: self.round,
+            model_version: self.model_version,
+            kind,
+            batch_size: self.batch_size,
+            num_examples: self.num_examples,
+            local_steps: self.local_steps,
+            metrics: self.metrics,
+            tensors,
+        }
+    }
+}
+
 /// An update seen by the honest-but-curious server, with what the server knows about it.
 #[derive(Clone, Debug)]
 pub struct ObservedUpdate {

@@ -335,7 +335,7 @@ mod tests {
             let mut rng = Seed(k).rng();
             let mask = g.generate(g.target_count(0.5), &mut rng);
             let plan = SamplePlan::masked_shuffle(&mask, true, &mut rng);
-            let mut seen = vec![false; 49];
+            let mut seen = [false; 49];
             for (target, &source) in plan.sources.iter().enumerate() {
                 assert!(!seen[source], "source used twice");
                 seen[source] = true;

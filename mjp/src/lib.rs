@@ -16,8 +16,10 @@ pub mod error;
 pub mod fl;
 pub mod fsutil;
 pub mod jigsaw;
+pub mod layout;
 pub mod model;
 pub mod params;
+pub mod partition;
 pub mod seed;
 pub mod train;
 
@@ -26,6 +28,7 @@ pub use device::DeviceSpec;
 pub use error::{MjpError, Result};
 pub use model::Vit;
 pub use params::{NamedTensor, NamedTensors};
+pub use partition::PartitionScheme;
 pub use seed::Seed;
 
 /// Re-exported so downstream crates use the same burn without naming it.

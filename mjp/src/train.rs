@@ -248,6 +248,13 @@ pub fn compute_gradients_with_threads(
     if shards == 1 {
         return compute_gradients_single(model, batch, plan, lambda, normalized_targets);
     }
+    // The DAL term is normalised over the whole plan's visible positions: with one plan per
+    // sample a shard's own normalisation differs from the batch's, so the shards compute the
+    // cross-entropy only and the DAL term is computed once on the full plan. (With a shared
+    // plan every shard's DAL term equals the batch's and the shards keep it, bit for bit as
+    // before.)
+    let dal_apart = lambda > 0.0 && plan.as_ref().is_some_and(|p| !p.is_shared());
+    let shard_lambda = if dal_apart { 0.0 } else { lambda };
     let n = batch.len();
     let bounds: Vec<(usize, usize)> = (0..shards)
         .map(|k| (k * n / shards, (k + 1) * n / shards))
@@ -262,7 +269,13 @@ pub fn compute_gradients_with_threads(
                 let sub = batch.slice(start, end);
                 let sub_plan = plan.as_ref().map(|p| p.slice(start, end));
                 scope.spawn(move || {
-                    compute_gradients_single(&model, &sub, sub_plan, lambda, normalized_targets)
+                    compute_gradients_single(
+                        &model,
+                        &sub,
+                        sub_plan,
+                        shard_lambda,
+                        normalized_targets,
+                    )
                 })
             })
             .collect();
@@ -287,10 +300,18 @@ pub fn compute_gradients_with_threads(
         stats.dal += w * p.stats.dal;
         stats.correct += p.stats.correct;
     }
-    let grads = combine_gradients(
-        model,
-        parts.into_iter().map(|p| p.grads).zip(weights).collect(),
-    );
+    let mut weighted: Vec<(GradientsParams, f64)> =
+        parts.into_iter().map(|p| p.grads).zip(weights).collect();
+    if dal_apart {
+        let fork = model.clone().fork(&model.device());
+        if let Some(dal) = fork.dal_loss(plan.as_ref(), normalized_targets) {
+            let value = scalar(&dal);
+            stats.dal = value;
+            stats.loss += lambda * value;
+            weighted.push((GradientsParams::from_grads(dal.backward(), &fork), lambda));
+        }
+    }
+    let grads = combine_gradients(model, weighted);
     Gradients { stats, grads, plan }
 }
 

@@ -105,3 +105,71 @@ fn loading_rejects_wrong_shapes_and_nan() {
     params.tensors_mut()[1].shape = vec![1, 2, 3];
     assert!(params.load_into(model, None).is_err());
 }
+
+/// A per-sample jigsaw's DAL term is normalised over the whole batch's visible positions, so the
+/// gradient (what a client uploads) must not depend on how many threads share the batch.
+#[test]
+fn per_sample_gradients_do_not_depend_on_the_number_of_gradient_threads() {
+    use mjp::jigsaw::{JigsawPlan, SamplePlan};
+    use mjp::train::compute_gradients_with_threads;
+
+    let device = mjp::DeviceSpec::Flex.device().unwrap().autodiff();
+    let config = VitConfig::preset("vit-micro-28")
+        .unwrap()
+        .with_pe(PeMode::Mjp);
+    let model = Vit::new(&config, Seed(3), &device);
+    let train = fixture().load(Split::Train, "data".as_ref()).unwrap();
+    let mut rng = Seed(4).rng();
+    let idx: Vec<usize> = (0..32).collect();
+    let (pixels, labels) = train.batch(&idx, Default::default(), &mut rng);
+    let batch = Batch::new(pixels, labels, &config, &device);
+    // Masks of different sizes (the block generator falls short of its target now and then):
+    // the shards' visible-position totals differ, which is where per-shard normalisation erred.
+    let n = config.num_patches();
+    let plan = JigsawPlan::per_sample(
+        (0..32)
+            .map(|k| {
+                let occluded = if k < 16 { 4 } else { 24 };
+                let mask: Vec<bool> = (0..n).map(|i| (i * 7 + k) % n < occluded).collect();
+                SamplePlan::masked_shuffle(&mask, true, &mut rng)
+            })
+            .collect(),
+    );
+    let upload = |threads: usize| {
+        let g = compute_gradients_with_threads(
+            &model,
+            &batch,
+            Some(plan.clone()),
+            0.01,
+            false,
+            threads,
+        );
+        mjp::NamedTensors::gradients_of(&model, &g.grads)
+    };
+    let one = upload(1);
+    for threads in [2, 4] {
+        let many = upload(threads);
+        for (a, b) in one.tensors().iter().zip(many.tensors()) {
+            assert_eq!(a.name, b.name);
+            let diff: f64 = a
+                .data
+                .iter()
+                .zip(&b.data)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = a
+                .data
+                .iter()
+                .map(|x| f64::from(*x).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(
+                diff <= 1e-5 * norm.max(1e-12),
+                "{} with {threads} threads differs by {:.2e} relative",
+                a.name,
+                diff / norm.max(1e-12)
+            );
+        }
+    }
+}

@@ -1,9 +1,12 @@
 //! Conversions between wire types and domain types, in one place: tensors to and from chunk
-//! streams (with CRC-32 and bounds checks), manifests, round configs and update headers.
+//! streams (with CRC-32 and bounds checks), manifests, round configs and update headers (an
+//! upload header becomes a domain [`UploadHeader`] plus its checked tensor layout).
 
 use std::collections::BTreeMap;
 
-use mjp::fl::{ModelUpdate, RoundConfig as DomainRoundConfig, UpdateKind as DomainKind};
+use mjp::fl::{
+    ModelUpdate, RoundConfig as DomainRoundConfig, UpdateKind as DomainKind, UploadHeader,
+};
 use mjp::params::{Manifest, NamedTensor, NamedTensors};
 use mjp::train::OptimizerKind;
 use tonic::{Code, Status};
@@ -410,26 +413,71 @@ pub fn update_header(update: &ModelUpdate, session_token: &str) -> v1::UpdateHea
     }
 }
 
-/// The domain update described by a header, with its tensors.
-pub fn update_from_header(
-    h: &v1::UpdateHeader,
-    tensors: NamedTensors,
-) -> Result<ModelUpdate, WireError> {
-    Ok(ModelUpdate {
+/// An upload header in one step: the domain header, and the tensor declaration it carries
+/// (checked against the model by [`DeclaredTensors::check`] once the round checks passed).
+pub fn upload_header_from_wire(h: v1::UpdateHeader) -> (UploadHeader, DeclaredTensors) {
+    let header = UploadHeader {
+        session_token: h.session_token,
         round: h.round,
         model_version: h.model_version,
-        kind: kind_from_wire(h.kind)
-            .ok_or_else(|| WireError::Invalid("update kind not set".into()))?,
+        kind: kind_from_wire(h.kind),
         batch_size: h.batch_size,
         num_examples: h.num_examples,
         local_steps: h.local_steps,
-        metrics: h
-            .metrics
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect::<BTreeMap<_, _>>(),
-        tensors,
-    })
+        metrics: h.metrics.into_iter().collect::<BTreeMap<_, _>>(),
+        total_bytes: h.total_bytes,
+    };
+    (header, DeclaredTensors(h.tensors))
+}
+
+/// The tensors an upload header declares, as sent: wire element types included, which is why
+/// they stay in this crate.
+#[derive(Clone, Debug)]
+pub struct DeclaredTensors(Vec<v1::TensorSpec>);
+
+impl DeclaredTensors {
+    /// Checks the declaration against the model `manifest` and the byte count the header
+    /// announced; the result decodes the update's chunks.
+    pub fn check(self, manifest: &Manifest, total_bytes: u64) -> Result<TensorLayout, WireError> {
+        let dtypes = check_specs(&self.0, manifest)?;
+        let expected = expected_bytes(&self.0, &dtypes);
+        if total_bytes != expected as u64 {
+            return Err(WireError::Invalid(format!(
+                "header declares {total_bytes} bytes, the declared tensors take {expected}"
+            )));
+        }
+        Ok(TensorLayout {
+            specs: self.0,
+            dtypes,
+        })
+    }
+}
+
+/// A tensor declaration that matches the model.
+#[derive(Clone, Debug)]
+pub struct TensorLayout {
+    specs: Vec<v1::TensorSpec>,
+    dtypes: Vec<v1::Dtype>,
+}
+
+impl TensorLayout {
+    /// An assembler for the chunks that follow (it reserves one model's worth of f32).
+    pub fn assembler(&self, max_chunk: usize) -> Assembler {
+        Assembler::new(&self.specs, &self.dtypes, max_chunk)
+    }
+}
+
+/// A wire manifest as names and shapes (element types are a property of each stream).
+pub fn manifest_from_wire(m: &v1::ModelManifest) -> Manifest {
+    m.tensors
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape.iter().map(|&d| d as usize).collect(),
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -462,6 +510,37 @@ mod tests {
             a.push(&c).unwrap();
         }
         assert_eq!(a.finish().unwrap(), t);
+    }
+
+    #[test]
+    fn upload_header_round_trips_and_checks_the_declared_bytes() {
+        let t = sample();
+        let update = ModelUpdate {
+            round: 3,
+            model_version: 2,
+            kind: DomainKind::FedAvg,
+            batch_size: 8,
+            num_examples: 40,
+            local_steps: 5,
+            metrics: BTreeMap::from([("loss".to_string(), 0.5)]),
+            tensors: t.clone(),
+        };
+        let wire = update_header(&update, "token");
+        let (header, declared) = upload_header_from_wire(wire.clone());
+        assert_eq!(header.session_token, "token");
+        assert_eq!(header.kind, Some(DomainKind::FedAvg));
+        let layout = declared.check(&t.manifest(), header.total_bytes).unwrap();
+        let mut a = layout.assembler(1024);
+        for c in chunk_tensors(&t, 1024) {
+            a.push(&c).unwrap();
+        }
+        let kind = header.kind.unwrap();
+        assert_eq!(header.into_update(kind, a.finish().unwrap()), update);
+        let (header, declared) = upload_header_from_wire(wire);
+        assert!(matches!(
+            declared.check(&t.manifest(), header.total_bytes + 4),
+            Err(WireError::Invalid(_))
+        ));
     }
 
     #[test]

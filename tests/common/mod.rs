@@ -29,7 +29,7 @@ pub fn small_config(clients: u32, rounds: u32) -> CoordinatorConfig {
     c.federation.seed = 7;
     c.data.dataset = fixture();
     c.data.eval_jigsaw_metrics = false;
-    c.partition = mjpfl_client::partition::PartitionScheme::Iid { count: clients };
+    c.partition = mjp::partition::PartitionScheme::Iid { count: clients };
     c.training.update_kind = UpdateKind::FedAvg;
     c.training.local_steps = 10;
     c.training.batch_size = 32;
@@ -56,7 +56,7 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn join(endpoint: &str, secret: &str) -> Result<Self, tonic::Status> {
-        let channel = mjpfl_client::connection::connect(endpoint)
+        let channel = mjpfl_client::protocol::connect(endpoint)
             .await
             .expect("coordinator reachable");
         Self::join_on(channel, secret).await
@@ -64,7 +64,7 @@ impl RawClient {
 
     /// Joins over an existing connection (several clients can share one HTTP/2 connection).
     pub async fn join_on(channel: Channel, secret: &str) -> Result<Self, tonic::Status> {
-        let mut client = mjpfl_client::connection::federation_client(channel);
+        let mut client = mjpfl_client::protocol::federation_client(channel);
         let r = client
             .join(v1::JoinRequest {
                 client_name: "raw".into(),
@@ -119,7 +119,7 @@ impl RawClient {
             .await
             .unwrap()
             .into_inner();
-        mjpfl_client::connection::receive_model(s, version)
+        mjpfl_client::protocol::receive_model(s, version)
             .await
             .unwrap()
     }

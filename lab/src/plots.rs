@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Once;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -12,7 +12,7 @@ static FONT: Once = Once::new();
 
 fn register_font() {
     FONT.call_once(|| {
-        let bytes: &'static [u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+        let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
     });
 }
@@ -77,7 +77,8 @@ fn draw<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    root.fill(&WHITE)
+        .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
     let ((x0, x1), (y0, y1)) = bounds(series);
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
@@ -85,14 +86,14 @@ where
         .x_label_area_size(44)
         .y_label_area_size(56)
         .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
     for (i, s) in series.iter().enumerate() {
         let color = palette(i);
         let pts: Vec<(f64, f64)> = s
@@ -105,18 +106,18 @@ where
         if lines {
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?
                 .label(s.label.clone())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 3, style)))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
         } else {
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 6, style)))
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?
+                .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?
                 .label(s.label.clone())
                 .legend(move |(x, y)| Circle::new((x + 9, y), 5, style));
         }
@@ -128,8 +129,9 @@ where
         .label_font(("sans-serif", 13))
         .position(SeriesLabelPosition::LowerRight)
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
+    root.present()
+        .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
     Ok(())
 }
 
@@ -198,9 +200,10 @@ pub fn montage(out: &Path, rows: &[(String, std::path::PathBuf)]) -> Result<()> 
                 (6, *cy as i32 - 8),
                 ("sans-serif", 16).into_font().color(&BLACK),
             ))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
         }
-        root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        root.present()
+            .map_err(|e| crate::error::LabError::Message(format!("{e:?}")))?;
     }
     canvas
         .save(out)

@@ -2,10 +2,12 @@
 //! shards (McMahan et al.). Every client computes the same split from the run seed and takes its
 //! own part, so no data leaves a client's process.
 
-use mjp::Seed;
 use rand::Rng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{MjpError, Result};
+use crate::seed::Seed;
 
 /// How the training set is split.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,11 +41,6 @@ impl Default for PartitionScheme {
     }
 }
 
-/// A scheme that cannot split.
-#[derive(Debug, thiserror::Error)]
-#[error("partition: {0}")]
-pub struct PartitionError(String);
-
 impl PartitionScheme {
     /// Number of partitions.
     pub fn count(&self) -> u32 {
@@ -54,34 +51,43 @@ impl PartitionScheme {
         }
     }
 
+    /// The same scheme over `count` partitions.
+    pub fn with_count(&self, count: u32) -> Self {
+        match *self {
+            Self::Iid { .. } => Self::Iid { count },
+            Self::Dirichlet { alpha, .. } => Self::Dirichlet { count, alpha },
+            Self::Shards {
+                shards_per_client, ..
+            } => Self::Shards {
+                count,
+                shards_per_client,
+            },
+        }
+    }
+
     /// Checks parameters.
-    pub fn validate(&self) -> Result<(), PartitionError> {
+    pub fn validate(&self) -> Result<()> {
         if self.count() == 0 {
-            return Err(PartitionError("count must be >= 1".into()));
+            return Err(MjpError::Partition("count must be >= 1".into()));
         }
         match self {
             Self::Dirichlet { alpha, .. } if !(*alpha > 0.0 && alpha.is_finite()) => Err(
-                PartitionError(format!("dirichlet alpha {alpha} must be positive")),
+                MjpError::Partition(format!("dirichlet alpha {alpha} must be positive")),
             ),
             Self::Shards {
                 shards_per_client: 0,
                 ..
-            } => Err(PartitionError("shards_per_client must be >= 1".into())),
+            } => Err(MjpError::Partition("shards_per_client must be >= 1".into())),
             _ => Ok(()),
         }
     }
 
     /// Every partition's indices into the dataset (deterministic in `seed`).
-    pub fn split(
-        &self,
-        labels: &[u32],
-        num_classes: usize,
-        seed: Seed,
-    ) -> Result<Vec<Vec<usize>>, PartitionError> {
+    pub fn split(&self, labels: &[u32], num_classes: usize, seed: Seed) -> Result<Vec<Vec<usize>>> {
         self.validate()?;
         let k = self.count() as usize;
         if labels.len() < k {
-            return Err(PartitionError(format!(
+            return Err(MjpError::Partition(format!(
                 "{} examples cannot fill {k} partitions",
                 labels.len()
             )));
@@ -122,7 +128,7 @@ impl PartitionScheme {
                     }
                 }
                 if parts.iter().any(Vec::is_empty) {
-                    return Err(PartitionError(format!(
+                    return Err(MjpError::Partition(format!(
                         "dirichlet(alpha={alpha}) left a client without data; raise alpha"
                     )));
                 }
@@ -136,7 +142,7 @@ impl PartitionScheme {
                 let shards = k * *shards_per_client as usize;
                 let size = labels.len() / shards;
                 if size == 0 {
-                    return Err(PartitionError(format!(
+                    return Err(MjpError::Partition(format!(
                         "{} examples cannot fill {shards} shards",
                         labels.len()
                     )));

@@ -1,0 +1,129 @@
+//! Membership: joining (with partition assignment and re-join after a connection problem),
+//! session tokens, authentication, and which clients count as connected.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use super::{Federation, Refusal, State};
+
+/// A joined client.
+#[derive(Clone, Debug)]
+pub struct ClientEntry {
+    /// Id.
+    pub id: String,
+    /// Name it gave.
+    pub name: String,
+    /// Data partition it was assigned.
+    pub partition: u32,
+    /// Examples it reported.
+    pub num_examples: u64,
+    /// Last call.
+    pub last_seen: Instant,
+}
+
+/// What a client gets back from Join.
+#[derive(Clone, Debug)]
+pub struct Joined {
+    /// Its id.
+    pub client_id: String,
+    /// Its session token.
+    pub token: String,
+    /// Its partition.
+    pub partition: u32,
+}
+
+fn new_token() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..4)
+        .map(|_| format!("{:08x}", rng.random::<u32>()))
+        .collect()
+}
+
+impl Federation {
+    /// Registers a client. A `previous_token` (re-join after a connection problem) retires the
+    /// session it names, so no ghost of the same client is sampled or waited for.
+    pub fn join(
+        &self,
+        name: &str,
+        secret: &str,
+        num_examples: u64,
+        partition_hint: i32,
+        previous_token: &str,
+    ) -> Result<Joined, Refusal> {
+        if secret != self.config.federation.join_secret {
+            return Err(Refusal::Unauthenticated("wrong join secret".into()));
+        }
+        let count = self.config.partition.count();
+        let mut s = self.lock();
+        if let Some(old) = s.tokens.remove(previous_token) {
+            s.clients.remove(&old);
+            if let Some(r) = s.round.as_mut()
+                && !r.submitted.contains(&old)
+            {
+                r.sampled.remove(&old);
+            }
+            tracing::info!("{old} re-joined: its previous session is retired");
+        }
+        let taken: BTreeSet<u32> = s.clients.values().map(|c| c.partition).collect();
+        let partition = if partition_hint >= 0 && (partition_hint as u32) < count {
+            partition_hint as u32
+        } else {
+            (0..count)
+                .find(|p| !taken.contains(p))
+                .unwrap_or((s.next_client % u64::from(count)) as u32)
+        };
+        // Ids follow the data partition, so the same client keeps its name across coordinator
+        // restarts and sweep cells (a second client on the same partition gets a suffix).
+        let base = format!("client-{partition:03}");
+        let id = if s.clients.contains_key(&base) {
+            format!("{base}-{}", s.next_client)
+        } else {
+            base
+        };
+        s.next_client += 1;
+        let token = new_token();
+        s.tokens.insert(token.clone(), id.clone());
+        s.clients.insert(
+            id.clone(),
+            ClientEntry {
+                id: id.clone(),
+                name: name.to_string(),
+                partition,
+                num_examples,
+                last_seen: Instant::now(),
+            },
+        );
+        drop(s);
+        tracing::info!("{id} ({name}) joined, partition {partition}");
+        self.notify();
+        Ok(Joined {
+            client_id: id,
+            token,
+            partition,
+        })
+    }
+
+    /// The client behind a session token (and marks it alive).
+    pub fn authenticate(&self, token: &str) -> Result<String, Refusal> {
+        let mut s = self.lock();
+        let id = s.tokens.get(token).cloned().ok_or_else(|| {
+            Refusal::Unauthenticated(
+                "unknown session token (coordinator restarted? join again)".into(),
+            )
+        })?;
+        if let Some(c) = s.clients.get_mut(&id) {
+            c.last_seen = Instant::now();
+        }
+        Ok(id)
+    }
+
+    /// Clients that called within `client_timeout_secs`.
+    pub(super) fn connected(&self, s: &State) -> u32 {
+        let timeout = Duration::from_secs_f64(self.config.federation.client_timeout_secs);
+        s.clients
+            .values()
+            .filter(|c| c.last_seen.elapsed() < timeout)
+            .count() as u32
+    }
+}

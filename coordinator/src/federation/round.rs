@@ -1,0 +1,294 @@
+//! One round's work: seeded sampling of the live clients, each client's round config (its
+//! sub-seed), what a polling client should do, and admission of updates into the open round (the
+//! header before any tensor byte is read, then the fully received update).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mjp::Seed;
+use mjp::fl::{ModelUpdate, ObservedUpdate, RoundConfig, UpdateKind, UploadHeader};
+use rand::seq::SliceRandom;
+
+use super::membership::ClientEntry;
+use super::{Federation, Phase, Refusal};
+
+/// What a polling client should do.
+#[derive(Clone, Debug)]
+pub enum TaskDecision {
+    /// Train on `model_version` for `round`.
+    Train {
+        /// Round.
+        round: u32,
+        /// Model version to start from.
+        model_version: u64,
+        /// The recipe (with this client's seed).
+        config: RoundConfig,
+    },
+    /// Ask again later.
+    Wait(String),
+    /// Exit.
+    Finished {
+        /// Why.
+        reason: String,
+        /// Rounds completed.
+        rounds: u32,
+    },
+}
+
+/// Admission ticket for an update whose header passed validation.
+#[derive(Clone, Debug)]
+pub struct UploadTicket {
+    /// Sender.
+    pub client_id: String,
+    /// Round.
+    pub round: u32,
+    /// Attempt of the round.
+    pub attempt: u32,
+    /// The update kind the header declared (the federation's; checked).
+    pub kind: UpdateKind,
+    /// The round's recipe for this client.
+    pub config: RoundConfig,
+}
+
+impl Federation {
+    /// Client `partition`'s recipe for `round`: the federation's training section, with the
+    /// round's learning rate and shuffle ratio and the client's own sub-seed.
+    fn round_config(
+        &self,
+        round: u32,
+        attempt: u32,
+        partition: u32,
+        ratio: f64,
+        deadline_unix_ms: u64,
+    ) -> RoundConfig {
+        let t = &self.config.training;
+        let seed = Seed(self.config.federation.seed)
+            .child("round", u64::from(round) * 1000 + u64::from(attempt))
+            .child("partition", u64::from(partition));
+        RoundConfig {
+            update_kind: t.update_kind,
+            local_steps: match t.update_kind {
+                UpdateKind::FedSgd => 1,
+                UpdateKind::FedAvg => t.local_steps,
+            },
+            local_epochs: t.local_epochs,
+            learning_rate: t.learning_rate_at(round, self.config.federation.rounds),
+            batch_size: t.batch_size,
+            shuffle_ratio: ratio,
+            jigsaw_probability: t.jigsaw_probability,
+            per_sample_jigsaw: t.per_sample_jigsaw,
+            dal_lambda: t.dal_lambda,
+            fedprox_mu: t.fedprox_mu,
+            seed: seed.0,
+            deadline_unix_ms,
+            local_optimizer: t.local_optimizer,
+        }
+    }
+
+    /// The clients sampled for `round` (attempt `attempt`): a draw seeded by the run seed among
+    /// the live clients in id order, so a rerun samples the same clients.
+    pub(super) fn sample(
+        &self,
+        clients: &BTreeMap<String, ClientEntry>,
+        round: u32,
+        attempt: u32,
+    ) -> BTreeSet<String> {
+        let f = &self.config.federation;
+        let timeout = Duration::from_secs_f64(f.client_timeout_secs);
+        let mut live: Vec<String> = clients
+            .values()
+            .filter(|c| c.last_seen.elapsed() < timeout)
+            .map(|c| c.id.clone())
+            .collect();
+        live.sort();
+        let k = if f.sample_fraction > 0.0 {
+            ((f.sample_fraction * live.len() as f64).ceil() as usize)
+                .max(1)
+                .min(f.clients_per_round as usize)
+        } else {
+            f.clients_per_round as usize
+        }
+        .min(live.len());
+        let mut rng = Seed(f.seed)
+            .child("sample", u64::from(round) * 1000 + u64::from(attempt))
+            .rng();
+        live.shuffle(&mut rng);
+        live.into_iter().take(k).collect()
+    }
+
+    /// The shuffle ratio clients of `round` train with.
+    pub(super) fn shuffle_ratio(&self, round: u32) -> f64 {
+        // The schedule drives MJP; naive shuffling always permutes every patch; learned and none
+        // never shuffle (the records say so rather than echoing an unused schedule).
+        match self.vit.pe {
+            mjp::PeMode::Mjp => self
+                .config
+                .shuffle
+                .ratio_at(round, self.config.federation.rounds),
+            mjp::PeMode::NaiveShuffle => 1.0,
+            mjp::PeMode::Learned | mjp::PeMode::None => 0.0,
+        }
+    }
+
+    /// What client `id` should do now.
+    pub fn task_for(&self, id: &str) -> TaskDecision {
+        let s = self.lock();
+        if s.phase == Phase::Finished {
+            return TaskDecision::Finished {
+                reason: s
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| "all rounds completed".into()),
+                rounds: s.completed,
+            };
+        }
+        match &s.round {
+            Some(r) if r.sampled.contains(id) && !r.submitted.contains(id) => {
+                let partition = s.clients.get(id).map_or(0, |c| c.partition);
+                TaskDecision::Train {
+                    round: r.round,
+                    model_version: r.version,
+                    config: self.round_config(
+                        r.round,
+                        r.attempt,
+                        partition,
+                        r.ratio,
+                        r.deadline_unix_ms,
+                    ),
+                }
+            }
+            Some(r) if r.submitted.contains(id) => {
+                TaskDecision::Wait(format!("update for round {} received", r.round))
+            }
+            Some(r) => TaskDecision::Wait(format!("not sampled in round {}", r.round)),
+            None => TaskDecision::Wait(format!(
+                "waiting for clients ({} connected, {} needed)",
+                self.connected(&s),
+                self.config.federation.min_clients
+            )),
+        }
+    }
+
+    /// Validates an update's header before any of its bytes are read.
+    pub fn admit(&self, client_id: &str, header: &UploadHeader) -> Result<UploadTicket, Refusal> {
+        let (round, model_version) = (header.round, header.model_version);
+        let s = self.lock();
+        let Some(r) = &s.round else {
+            return Err(Refusal::FailedPrecondition(format!(
+                "round {round} is not open"
+            )));
+        };
+        if round != r.round {
+            return Err(Refusal::FailedPrecondition(format!(
+                "update for round {round}, the open round is {}",
+                r.round
+            )));
+        }
+        if model_version != r.version {
+            return Err(Refusal::FailedPrecondition(format!(
+                "update computed from model version {model_version}, round {} trains version {}",
+                r.round, r.version
+            )));
+        }
+        let kind = match header.kind {
+            None => return Err(Refusal::InvalidArgument("update kind not set".into())),
+            Some(k) if k != self.config.training.update_kind => {
+                return Err(Refusal::InvalidArgument(format!(
+                    "update kind {k}, this federation expects {}",
+                    self.config.training.update_kind
+                )));
+            }
+            Some(k) => k,
+        };
+        if !r.sampled.contains(client_id) {
+            return Err(Refusal::FailedPrecondition(format!(
+                "{client_id} was not sampled in round {}",
+                r.round
+            )));
+        }
+        if r.submitted.contains(client_id) {
+            return Err(Refusal::AlreadyExists(format!(
+                "{client_id} already submitted for round {}",
+                r.round
+            )));
+        }
+        if Instant::now() > r.deadline {
+            return Err(Refusal::FailedPrecondition(format!(
+                "round {} passed its deadline",
+                r.round
+            )));
+        }
+        let partition = s.clients.get(client_id).map_or(0, |c| c.partition);
+        Ok(UploadTicket {
+            client_id: client_id.to_string(),
+            round: r.round,
+            attempt: r.attempt,
+            kind,
+            config: self.round_config(r.round, r.attempt, partition, r.ratio, r.deadline_unix_ms),
+        })
+    }
+
+    /// Counts a refused update against the open round (if one is open).
+    pub fn note_rejection(&self) {
+        if let Some(r) = self.lock().round.as_mut() {
+            r.rejected += 1;
+        }
+    }
+
+    /// Folds a fully received, validated update into the open round; publishes it on the tap.
+    pub fn accept(&self, ticket: UploadTicket, update: ModelUpdate) -> Result<u32, Refusal> {
+        if let Err(e) = update
+            .tensors
+            .check_manifest(&self.manifest)
+            .and_then(|_| update.tensors.check_finite())
+        {
+            return Err(Refusal::InvalidArgument(e.to_string()));
+        }
+        if update.num_examples == 0 {
+            return Err(Refusal::InvalidArgument("num_examples must be >= 1".into()));
+        }
+        // Sequence numbers are taken only for updates that reach the tap: a gap means a drop.
+        let observed = |accepted: bool, update: ModelUpdate| ObservedUpdate {
+            sequence: self.tap.next_sequence(),
+            client_id: ticket.client_id.clone(),
+            accepted,
+            dropped_before: 0,
+            config: ticket.config.clone(),
+            update: Arc::new(update),
+        };
+        let mut s = self.lock();
+        let open = s.round.as_mut().filter(|r| {
+            r.round == ticket.round && r.attempt == ticket.attempt && Instant::now() <= r.deadline
+        });
+        let Some(r) = open else {
+            drop(s);
+            self.tap.publish(observed(false, update));
+            return Err(Refusal::FailedPrecondition(format!(
+                "round {} closed before the update finished arriving (deadline)",
+                ticket.round
+            )));
+        };
+        if !r.submitted.insert(ticket.client_id.clone()) {
+            return Err(Refusal::AlreadyExists(format!(
+                "{} already submitted for round {}",
+                ticket.client_id, r.round
+            )));
+        }
+        for (k, v) in &update.metrics {
+            if v.is_finite() {
+                let e = r.metrics.entry(k.clone()).or_insert((0.0, 0));
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        // The tap gets the update exactly as received; the mean folds it without a copy.
+        r.aggregator
+            .fold(&update.tensors, update.num_examples as f64);
+        let received = r.submitted.len() as u32;
+        drop(s);
+        self.tap.publish(observed(true, update));
+        self.notify();
+        Ok(received)
+    }
+}

@@ -1,0 +1,125 @@
+//! `report.md` of a run directory: the round-by-round accuracy of the global model and, when the
+//! adversary ran, what it recovered.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use mjp::layout::{AttacksLayout, RunLayout};
+use mjpfl_attacks::recorder::read_records;
+use mjpfl_attacks::stats::{label_recovery, per_attack};
+
+use crate::error::Result;
+
+/// Writes `<run>/report.md` from `rounds.jsonl` (and attack records when present).
+pub fn write_run_report(run: &Path) -> Result<()> {
+    let layout = RunLayout::new(run);
+    let rounds = mjpfl_coordinator::rundir::read_rounds(run)?;
+    let config = std::fs::read_to_string(layout.config()).unwrap_or_default();
+    let mut md = String::new();
+    writeln!(md, "# Federation report: {}\n", run.display())?;
+    match rounds.last() {
+        Some(last) => {
+            let acc = last
+                .test
+                .as_ref()
+                .map_or("-".into(), |t| format!("{:.2}%", 100.0 * t.accuracy));
+            writeln!(
+                md,
+                "{} rounds completed; final global test accuracy **{acc}** ({} test images; \
+                 intermediate rounds are evaluated on `round_test_limit` of them).\n",
+                last.round,
+                last.test.as_ref().map_or(0, |t| t.examples)
+            )?;
+        }
+        None => writeln!(md, "No round completed yet.\n")?,
+    }
+    writeln!(md, "## Rounds\n")?;
+    writeln!(
+        md,
+        "| round | updates | shuffle ratio | test acc | test images | jigsaw acc | consistency | client loss | seconds |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
+    // Long runs: only the rounds the global model was evaluated after (`eval_every`).
+    for r in rounds
+        .iter()
+        .filter(|r| rounds.len() <= 50 || r.test.is_some())
+    {
+        let t = r.test.as_ref();
+        writeln!(
+            md,
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {:.3} | {:.1} |",
+            r.round,
+            r.aggregated.len(),
+            r.shuffle_ratio,
+            pct(t.map(|t| t.accuracy)),
+            t.map_or("-".into(), |t| t.examples.to_string()),
+            pct(t.and_then(|t| t.jigsaw_accuracy)),
+            pct(t.and_then(|t| t.consistency_agreement)),
+            r.client_metrics.get("loss").copied().unwrap_or(f64::NAN),
+            r.wall_seconds
+        )?;
+    }
+    write_attack_section(&layout, &mut md)?;
+    writeln!(md, "\n## Configuration\n\n```toml\n{config}```")?;
+    mjp::fsutil::write_atomic(&layout.report(), md.as_bytes())?;
+    Ok(())
+}
+
+fn write_attack_section(run: &RunLayout, md: &mut String) -> Result<()> {
+    let records = read_records(&run.attacks())?;
+    writeln!(md, "\n## What the honest-but-curious server recovered\n")?;
+    if records.is_empty() {
+        writeln!(md, "No attacked updates in this run.")?;
+        return Ok(());
+    }
+    let pseudo = records.iter().any(|r| r.pseudo_gradient);
+    writeln!(
+        md,
+        "{} updates attacked{}. PSNR/SSIM are against the original private image (and, in the last \
+         column, against the shuffled image the model actually saw); higher = more leakage.\n",
+        records.len(),
+        if pseudo {
+            " (FedAvg weight deltas, attacked as pseudo-gradients: -delta / (lr x steps); the \
+             closed-form and optimisation attacks are exact only for single-step gradients)"
+        } else {
+            ""
+        }
+    )?;
+    if let Some((accuracy, n)) = label_recovery(&records) {
+        writeln!(
+            md,
+            "Label recovery accuracy: **{:.1}%** over {n} updates.\n",
+            100.0 * accuracy
+        )?;
+    }
+    writeln!(
+        md,
+        "| attack | updates scored | mean PSNR (dB) | median PSNR | mean SSIM | PSNR vs what the model saw |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+    for s in per_attack(&records) {
+        if s.scored == 0 {
+            let why = s.skipped.unwrap_or_else(|| "no audit record".into());
+            writeln!(md, "| {} | 0 | - | - | - | - ({why}) |", s.attack)?;
+            continue;
+        }
+        writeln!(
+            md,
+            "| {} | {} | {:.2} | {:.2} | {:.3} | {:.2} |",
+            s.attack, s.scored, s.mean_psnr, s.median_psnr, s.mean_ssim, s.mean_psnr_seen,
+        )?;
+    }
+    if let Some(first) = records.first() {
+        let png = AttacksLayout::picture_link(first.round, &first.client_id);
+        let columns: Vec<&str> = first.attacks.iter().map(|a| a.attack.as_str()).collect();
+        writeln!(
+            md,
+            "\nExample (round {}, {}): columns are original | what the model saw | {}.\n\n![reconstructions]({png})",
+            first.round,
+            first.client_id,
+            columns.join(" | ")
+        )?;
+    }
+    Ok(())
+}

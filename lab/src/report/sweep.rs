@@ -1,0 +1,571 @@
+//! The report of a sweep directory, in four steps: [`load`] what every finished cell left on
+//! disk, [`aggregate`] it per setting (over seeds), write the tables ([`write_tables`]:
+//! summary.csv and summary.json), and draw the plots ([`draw_plots`]); `report.md` ties them
+//! together.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use mjp::layout::SweepLayout;
+use mjpfl_attacks::recorder::{
+    RoundAttackSummary, UpdateRecord, read_records, read_round_summaries,
+};
+use mjpfl_attacks::stats::per_attack;
+use mjpfl_coordinator::rundir::RoundRecord;
+
+use crate::error::Result;
+use crate::grid::CellDone;
+use crate::plots::{self, Series};
+use crate::stats::{mean, plus_minus};
+
+/// What one finished cell left on disk.
+pub struct CellResults {
+    /// Its DONE marker (the cell and its wall time).
+    pub done: CellDone,
+    /// Its committed rounds.
+    pub rounds: Vec<RoundRecord>,
+    /// Its per-round attack summaries.
+    pub attack_rounds: Vec<RoundAttackSummary>,
+    /// Its attacked-update records.
+    pub records: Vec<UpdateRecord>,
+}
+
+/// Reads every finished cell of a sweep (cells without DONE are not finished), in id order.
+pub fn load(layout: &SweepLayout) -> Result<Vec<CellResults>> {
+    let mut done: Vec<CellDone> = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(layout.cells()) {
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Ok(bytes) = std::fs::read(layout.done_marker(&id))
+                && let Ok(d) = serde_json::from_slice::<CellDone>(&bytes)
+            {
+                done.push(d);
+            }
+        }
+    }
+    done.sort_by(|a, b| a.cell.id.cmp(&b.cell.id));
+    done.into_iter()
+        .map(|done| {
+            let run = layout.cell(&done.cell.id);
+            Ok(CellResults {
+                rounds: mjpfl_coordinator::rundir::read_rounds(run.root())?,
+                attack_rounds: read_round_summaries(&run.attacks()),
+                records: read_records(&run.attacks())?,
+                done,
+            })
+        })
+        .collect()
+}
+
+/// One row of summary.csv: a cell at a round.
+#[derive(serde::Serialize, Clone, Debug)]
+pub struct SummaryRow {
+    /// Cell id.
+    pub cell: String,
+    /// Setting (cell without the seed).
+    pub setting: String,
+    /// PE mode.
+    pub pe: String,
+    /// Shuffle schedule label.
+    pub schedule: String,
+    /// Constant ratio, if any.
+    pub ratio: Option<f64>,
+    /// Seed.
+    pub seed: u64,
+    /// Round.
+    pub round: u32,
+    /// Shuffle ratio of that round.
+    pub round_ratio: f64,
+    /// Clean test accuracy.
+    pub accuracy: Option<f64>,
+    /// Test loss.
+    pub loss: Option<f64>,
+    /// Accuracy on the jigsaw.
+    pub jigsaw_accuracy: Option<f64>,
+    /// Consistency (prediction agreement).
+    pub consistency: Option<f64>,
+    /// Per attack: mean PSNR / SSIM / label accuracy this round.
+    pub attacks: BTreeMap<String, AttackRoundStats>,
+}
+
+/// Attack statistics of one round of one cell.
+#[derive(serde::Serialize, Clone, Debug, Default)]
+pub struct AttackRoundStats {
+    /// Mean PSNR vs originals.
+    pub psnr: f64,
+    /// Mean SSIM.
+    pub ssim: f64,
+    /// Label accuracy.
+    pub label_accuracy: f64,
+    /// Updates scored.
+    pub updates: usize,
+}
+
+/// One attack's figures in one cell.
+#[derive(Clone, Copy, Debug)]
+pub struct CellAttack {
+    /// Mean PSNR.
+    pub mean_psnr: f64,
+    /// Median PSNR over updates.
+    pub median_psnr: f64,
+    /// Mean SSIM.
+    pub ssim: f64,
+    /// Label accuracy.
+    pub label_accuracy: f64,
+}
+
+/// A setting aggregated over its seeds.
+pub struct SettingStats {
+    /// The setting.
+    pub setting: String,
+    /// PE mode.
+    pub pe: String,
+    /// Constant ratio, if any.
+    pub ratio: Option<f64>,
+    /// Seeds finished.
+    pub seeds: usize,
+    /// Final accuracies.
+    pub acc: Vec<f64>,
+    /// Final jigsaw accuracies.
+    pub jig: Vec<f64>,
+    /// Final consistencies.
+    pub cons: Vec<f64>,
+    /// Attack -> one entry per seed.
+    pub attacks: BTreeMap<String, Vec<CellAttack>>,
+}
+
+/// One seed's curve.
+type Curve = Vec<(f64, f64)>;
+
+/// A sweep aggregated: the rows of the tables and the series of the plots.
+pub struct SweepSummary {
+    /// Per cell and round.
+    pub rows: Vec<SummaryRow>,
+    /// Per setting.
+    pub settings: Vec<SettingStats>,
+    /// Attack names with scores, in column order.
+    pub attacks: Vec<String>,
+    /// Setting -> accuracy curve per seed.
+    pub accuracy_curves: BTreeMap<String, Vec<Curve>>,
+    /// (attack, setting) -> PSNR curve per seed.
+    pub psnr_curves: BTreeMap<(String, String), Vec<Curve>>,
+}
+
+/// Aggregates the cells per setting.
+pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
+    let mut s = SweepSummary {
+        rows: Vec::new(),
+        settings: Vec::new(),
+        attacks: Vec::new(),
+        accuracy_curves: BTreeMap::new(),
+        psnr_curves: BTreeMap::new(),
+    };
+    for cell in cells {
+        let c = &cell.done.cell;
+        for r in &cell.rounds {
+            let attacks = cell
+                .attack_rounds
+                .iter()
+                .filter(|a| a.round == r.round)
+                .map(|a| {
+                    (
+                        a.attack.clone(),
+                        AttackRoundStats {
+                            psnr: a.mean_psnr,
+                            ssim: a.mean_ssim,
+                            label_accuracy: a.label_accuracy,
+                            updates: a.updates,
+                        },
+                    )
+                })
+                .collect();
+            s.rows.push(SummaryRow {
+                cell: c.id.clone(),
+                setting: c.setting.clone(),
+                pe: c.pe.to_string(),
+                schedule: c.schedule.clone(),
+                ratio: c.ratio,
+                seed: c.seed,
+                round: r.round,
+                round_ratio: r.shuffle_ratio,
+                accuracy: r.test.as_ref().map(|t| t.accuracy),
+                loss: r.test.as_ref().map(|t| t.loss),
+                jigsaw_accuracy: r.test.as_ref().and_then(|t| t.jigsaw_accuracy),
+                consistency: r.test.as_ref().and_then(|t| t.consistency_agreement),
+                attacks,
+            });
+        }
+        let idx = match s.settings.iter().position(|x| x.setting == c.setting) {
+            Some(i) => i,
+            None => {
+                s.settings.push(SettingStats {
+                    setting: c.setting.clone(),
+                    pe: c.pe.to_string(),
+                    ratio: c.ratio,
+                    seeds: 0,
+                    acc: vec![],
+                    jig: vec![],
+                    cons: vec![],
+                    attacks: BTreeMap::new(),
+                });
+                s.settings.len() - 1
+            }
+        };
+        let st = &mut s.settings[idx];
+        st.seeds += 1;
+        if let Some(t) = cell.rounds.last().and_then(|r| r.test.as_ref()) {
+            st.acc.push(t.accuracy);
+            st.jig.extend(t.jigsaw_accuracy);
+            st.cons.extend(t.consistency_agreement);
+        }
+        s.accuracy_curves
+            .entry(c.setting.clone())
+            .or_default()
+            .push(
+                cell.rounds
+                    .iter()
+                    .filter_map(|r| {
+                        r.test
+                            .as_ref()
+                            .map(|t| (f64::from(r.round), 100.0 * t.accuracy))
+                    })
+                    .collect(),
+            );
+        let mut scored: Vec<_> = per_attack(&cell.records)
+            .into_iter()
+            .filter(|a| a.scored > 0)
+            .collect();
+        scored.sort_by(|a, b| a.attack.cmp(&b.attack));
+        for a in scored {
+            if !s.attacks.contains(&a.attack) {
+                s.attacks.push(a.attack.clone());
+            }
+            st.attacks
+                .entry(a.attack.clone())
+                .or_default()
+                .push(CellAttack {
+                    mean_psnr: a.mean_psnr,
+                    median_psnr: a.median_psnr,
+                    ssim: a.mean_ssim,
+                    label_accuracy: a.label_accuracy,
+                });
+            s.psnr_curves
+                .entry((a.attack.clone(), c.setting.clone()))
+                .or_default()
+                .push(
+                    cell.attack_rounds
+                        .iter()
+                        .filter(|r| r.attack == a.attack)
+                        .map(|r| (f64::from(r.round), r.mean_psnr))
+                        .collect(),
+                );
+        }
+    }
+    s
+}
+
+/// Writes summary.csv and summary.json.
+pub fn write_tables(layout: &SweepLayout, s: &SweepSummary) -> Result<()> {
+    let mut csv = String::from(
+        "cell,setting,pe,schedule,ratio,seed,round,round_ratio,accuracy,loss,jigsaw_accuracy,consistency",
+    );
+    for a in &s.attacks {
+        write!(csv, ",{a}_psnr,{a}_ssim,{a}_label_accuracy")?;
+    }
+    csv.push('\n');
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    for r in &s.rows {
+        write!(
+            csv,
+            "{},\"{}\",{},\"{}\",{},{},{},{:.4},{},{},{},{}",
+            r.cell,
+            r.setting,
+            r.pe,
+            r.schedule,
+            opt(r.ratio),
+            r.seed,
+            r.round,
+            r.round_ratio,
+            opt(r.accuracy),
+            opt(r.loss),
+            opt(r.jigsaw_accuracy),
+            opt(r.consistency)
+        )?;
+        for a in &s.attacks {
+            match r.attacks.get(a) {
+                Some(x) => write!(csv, ",{:.4},{:.4},{:.4}", x.psnr, x.ssim, x.label_accuracy)?,
+                None => csv.push_str(",,,"),
+            }
+        }
+        csv.push('\n');
+    }
+    mjp::fsutil::write_atomic(&layout.summary_csv(), csv.as_bytes())?;
+    mjp::fsutil::write_atomic(
+        &layout.summary_json(),
+        serde_json::to_string_pretty(&s.rows)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// What [`draw_plots`] drew that the report links to.
+pub struct Drawn {
+    /// The attack the privacy/utility plot uses (the strongest by best mean PSNR).
+    pub main_attack: Option<String>,
+    /// Montage rows: (setting, picture of the same private images under it).
+    pub montage: Vec<(String, PathBuf)>,
+}
+
+/// Per-round mean over seeds.
+fn average(runs: &[Curve]) -> Curve {
+    let mut by_x: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for run in runs {
+        for &(x, y) in run {
+            by_x.entry(x as i64).or_default().push(y);
+        }
+    }
+    by_x.into_iter()
+        .map(|(x, ys)| (x as f64, mean(&ys)))
+        .collect()
+}
+
+fn mean_psnr(v: &[CellAttack]) -> f64 {
+    mean(&v.iter().map(|x| x.mean_psnr).collect::<Vec<_>>())
+}
+
+/// Draws accuracy and PSNR per round, PSNR against the shuffle ratio, privacy/utility and the
+/// montage.
+pub fn draw_plots(layout: &SweepLayout, s: &SweepSummary, cells: &[CellResults]) -> Result<Drawn> {
+    let dir = layout.plots();
+    let acc: Vec<Series> = s
+        .accuracy_curves
+        .iter()
+        .map(|(k, runs)| Series {
+            label: k.clone(),
+            points: average(runs),
+        })
+        .collect();
+    plots::chart(
+        &dir.join("accuracy_vs_round"),
+        "Global test accuracy per round (mean over seeds)",
+        "round",
+        "accuracy (%)",
+        &acc,
+        true,
+    )?;
+    let main_attack = s
+        .attacks
+        .iter()
+        .filter(|a| a.as_str() != "mean-image")
+        .max_by(|a, b| {
+            let best = |n: &str| {
+                s.settings
+                    .iter()
+                    .filter_map(|x| x.attacks.get(n))
+                    .flat_map(|v| v.iter().map(|x| x.mean_psnr))
+                    .fold(f64::MIN, f64::max)
+            };
+            best(a).total_cmp(&best(b))
+        })
+        .cloned();
+    for attack in &s.attacks {
+        let series: Vec<Series> = s
+            .psnr_curves
+            .iter()
+            .filter(|((a, _), _)| a == attack)
+            .map(|((_, setting), runs)| Series {
+                label: setting.clone(),
+                points: average(runs),
+            })
+            .collect();
+        if !series.is_empty() {
+            plots::chart(
+                &dir.join(format!("psnr_vs_round_{attack}")),
+                &format!("{attack}: PSNR of reconstructions per round"),
+                "round",
+                "PSNR vs original (dB)",
+                &series,
+                true,
+            )?;
+        }
+    }
+    let by_ratio: Vec<Series> = s
+        .attacks
+        .iter()
+        .map(|a| {
+            let mut pts: Vec<(f64, f64)> = s
+                .settings
+                .iter()
+                .filter(|x| x.pe == "mjp")
+                .filter_map(|x| Some((x.ratio?, mean_psnr(x.attacks.get(a)?))))
+                .collect();
+            if let Some(l) = s
+                .settings
+                .iter()
+                .find(|x| x.pe == "learned")
+                .and_then(|x| x.attacks.get(a))
+            {
+                pts.push((0.0, mean_psnr(l)));
+            }
+            pts.sort_by(|x, y| x.0.total_cmp(&y.0));
+            Series {
+                label: a.clone(),
+                points: pts,
+            }
+        })
+        .collect();
+    plots::chart(
+        &dir.join("psnr_vs_ratio"),
+        "Attack PSNR vs MJP shuffle ratio (0 = learned PE)",
+        "shuffle ratio",
+        "mean PSNR (dB)",
+        &by_ratio,
+        true,
+    )?;
+    if let Some(main) = &main_attack {
+        let pts: Vec<Series> = s
+            .settings
+            .iter()
+            .filter_map(|x| {
+                let psnr = mean_psnr(x.attacks.get(main)?);
+                Some(Series {
+                    label: x.setting.clone(),
+                    points: vec![(psnr, 100.0 * mean(&x.acc))],
+                })
+            })
+            .collect();
+        plots::chart(
+            &dir.join("privacy_utility"),
+            &format!("Privacy/utility: final accuracy vs {main} PSNR (lower PSNR = more private)"),
+            &format!("{main} mean PSNR (dB)"),
+            "final accuracy (%)",
+            &pts,
+            false,
+        )?;
+    }
+    // Montage: the same images (seed, round, client) reconstructed under every setting.
+    let mut montage = Vec::new();
+    if let Some(seed) = cells.iter().map(|c| c.done.cell.seed).min() {
+        let mut target: Option<(u32, String)> = None;
+        for cell in cells.iter().filter(|c| c.done.cell.seed == seed) {
+            let pick = match &target {
+                None => cell.records.first(),
+                Some((round, client)) => cell
+                    .records
+                    .iter()
+                    .find(|r| r.round == *round && &r.client_id == client),
+            };
+            if let Some(r) = pick {
+                target.get_or_insert((r.round, r.client_id.clone()));
+                let run = layout.cell(&cell.done.cell.id);
+                montage.push((
+                    cell.done.cell.setting.clone(),
+                    run.attacks().picture(r.round, &r.client_id),
+                ));
+            }
+        }
+    }
+    plots::montage(&dir.join("montage.png"), &montage)?;
+    Ok(Drawn {
+        main_attack,
+        montage,
+    })
+}
+
+/// Writes summary.csv, summary.json, plots/ and report.md of a sweep directory.
+pub fn write_sweep_report(dir: &Path) -> Result<()> {
+    let layout = SweepLayout::new(dir);
+    let cells = load(&layout)?;
+    let summary = aggregate(&cells);
+    write_tables(&layout, &summary)?;
+    let drawn = draw_plots(&layout, &summary, &cells)?;
+    let md = markdown(&layout, &summary, &drawn)?;
+    mjp::fsutil::write_atomic(&layout.report(), md.as_bytes())?;
+    Ok(())
+}
+
+fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<String> {
+    let sweep_file = std::fs::read_to_string(layout.sweep_file()).unwrap_or_default();
+    let cells: usize = s.settings.iter().map(|x| x.seeds).sum();
+    let mut md = String::new();
+    writeln!(md, "# Sweep report: {}\n", layout.root().display())?;
+    writeln!(
+        md,
+        "{cells} cells finished ({} settings).\n",
+        s.settings.len()
+    )?;
+    writeln!(md, "## Privacy / utility\n")?;
+    write!(
+        md,
+        "| setting | seeds | final accuracy (%) | jigsaw accuracy (%) | consistency (%) |"
+    )?;
+    for a in &s.attacks {
+        write!(md, " {a} PSNR mean (dB) | {a} PSNR median | {a} SSIM |")?;
+    }
+    writeln!(md, " label acc (%) |")?;
+    write!(md, "|---|---:|---:|---:|---:|")?;
+    for _ in &s.attacks {
+        write!(md, "---:|---:|---:|")?;
+    }
+    writeln!(md, "---:|")?;
+    for x in &s.settings {
+        write!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            x.setting,
+            x.seeds,
+            plus_minus(&x.acc, 100.0, 2),
+            plus_minus(&x.jig, 100.0, 2),
+            plus_minus(&x.cons, 100.0, 2)
+        )?;
+        let mut labels = Vec::new();
+        for a in &s.attacks {
+            match x.attacks.get(a) {
+                Some(v) => {
+                    let col = |f: fn(&CellAttack) -> f64| v.iter().map(f).collect::<Vec<_>>();
+                    labels.extend(col(|c| c.label_accuracy));
+                    write!(
+                        md,
+                        " {} | {} | {} |",
+                        plus_minus(&col(|c| c.mean_psnr), 1.0, 2),
+                        plus_minus(&col(|c| c.median_psnr), 1.0, 2),
+                        plus_minus(&col(|c| c.ssim), 1.0, 3)
+                    )?;
+                }
+                None => write!(md, " - | - | - |")?,
+            }
+        }
+        writeln!(md, " {} |", plus_minus(&labels, 100.0, 1))?;
+    }
+    writeln!(
+        md,
+        "\n± is the standard deviation across seeds. PSNR/SSIM are against the original private image.\n"
+    )?;
+    writeln!(md, "## Plots\n")?;
+    writeln!(md, "![accuracy vs round](plots/accuracy_vs_round.png)\n")?;
+    for a in &s.attacks {
+        if layout
+            .plots()
+            .join(format!("psnr_vs_round_{a}.png"))
+            .exists()
+        {
+            writeln!(md, "![{a} PSNR vs round](plots/psnr_vs_round_{a}.png)\n")?;
+        }
+    }
+    writeln!(md, "![PSNR vs shuffle ratio](plots/psnr_vs_ratio.png)\n")?;
+    if drawn.main_attack.is_some() {
+        writeln!(md, "![privacy/utility](plots/privacy_utility.png)\n")?;
+    }
+    if !drawn.montage.is_empty() {
+        writeln!(
+            md,
+            "Reconstructions of the same private image under each setting (rows; columns: original | what the model saw | each attack):\n\n![montage](plots/montage.png)\n"
+        )?;
+    }
+    writeln!(
+        md,
+        "SVG versions of every plot are next to the PNGs; per-round numbers are in summary.csv / summary.json.\n"
+    )?;
+    writeln!(md, "## Sweep file\n\n```toml\n{sweep_file}```")?;
+    Ok(md)
+}

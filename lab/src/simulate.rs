@@ -1,0 +1,188 @@
+//! A whole federation in this process: a coordinator on 127.0.0.1, N clients and (optionally)
+//! the adversary, all talking real gRPC over loopback, with progress per round. What
+//! `mjpfl simulate`, every sweep cell and the end-to-end tests run.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mjp::DeviceSpec;
+use mjp::layout::RunLayout;
+use mjpfl_attacks::{AdversaryConfig, AdversarySettings};
+use mjpfl_client::ClientConfig;
+use mjpfl_coordinator::{Coordinator, CoordinatorConfig, Federation};
+use tokio::sync::{Semaphore, watch};
+
+use crate::error::{LabError, Result};
+use crate::feed::{AttackWorker, InProcess, public_mean_image};
+use crate::runtime::progress_bar;
+
+/// How a simulation runs, beside the coordinator's configuration.
+#[derive(Clone, Debug)]
+pub struct SimulationOptions {
+    /// Simulated clients write their private batches to `audit/` (so attacks can be scored).
+    pub audit: bool,
+    /// Clients training at the same time (each uses all cores for its gradient).
+    pub train_concurrency: usize,
+    /// The adversary, if one attacks the updates.
+    pub adversary: Option<AdversarySettings>,
+    /// Where clients train and the adversary computes.
+    pub device: DeviceSpec,
+}
+
+impl Default for SimulationOptions {
+    fn default() -> Self {
+        Self {
+            audit: true,
+            train_concurrency: 1,
+            adversary: Some(AdversarySettings::default()),
+            device: DeviceSpec::Flex,
+        }
+    }
+}
+
+/// What a simulation produced.
+#[derive(Clone, Debug)]
+pub struct SimulationOutcome {
+    /// Wall time.
+    pub wall: Duration,
+    /// Final global test accuracy.
+    pub final_accuracy: Option<f64>,
+    /// Updates the adversary attacked.
+    pub attacked: Option<usize>,
+}
+
+/// Runs a whole federation until it finishes or `shutdown` resolves; resumes if `out` holds a
+/// run. The report is not written here (see [`crate::report::write_run_report`]).
+pub async fn run_simulation(
+    config: CoordinatorConfig,
+    out: &Path,
+    options: SimulationOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<SimulationOutcome> {
+    let started = Instant::now();
+    let n = config
+        .federation
+        .min_clients
+        .max(config.federation.clients_per_round);
+    let rounds = config.federation.rounds;
+    let data_dir = config.data.data_dir.clone();
+    let dataset = config.data.dataset.clone();
+    let run = RunLayout::new(out);
+    let coordinator = Coordinator::start(config, out).await?;
+    let endpoint = format!("http://{}", coordinator.addr);
+    let federation = coordinator.federation.clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // The adversary subscribes before any client joins: it sees every update.
+    let adversary = match options.adversary {
+        Some(settings) => {
+            let vit = federation.vit().clone();
+            let config = AdversaryConfig {
+                settings,
+                run: run.clone(),
+                mean_image: public_mean_image(&dataset, &data_dir, &vit),
+                device: options.device,
+            };
+            let worker = AttackWorker::spawn(vit, config)?;
+            let source = InProcess::subscribe(federation.clone());
+            let mut stop = stop_rx.clone();
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            Some(tokio::spawn(worker.feed(source, stopped)))
+        }
+        None => None,
+    };
+    let permits = Arc::new(Semaphore::new(options.train_concurrency.max(1)));
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut c = ClientConfig::new(endpoint.clone(), format!("sim-{i:02}"));
+        c.partition_hint = i as i32;
+        c.data_dir = data_dir.clone();
+        c.device = options.device;
+        c.audit_dir = options.audit.then(|| run.audit().dir().to_path_buf());
+        c.training_permits = Some(permits.clone());
+        c.join_secret = federation.config().federation.join_secret.clone();
+        clients.spawn(mjpfl_client::run(c, stop_rx.clone()));
+    }
+    let progress = tokio::spawn(show_progress(federation.clone(), rounds));
+    let outcome = coordinator.run_until(shutdown).await;
+    let _ = stop_tx.send(true);
+    while let Some(c) = clients.join_next().await {
+        match c {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("client ended with: {e}"),
+            Err(e) => tracing::warn!("client task failed: {e}"),
+        }
+    }
+    progress.abort();
+    let mut attacked = None;
+    if let Some(feeder) = adversary {
+        match feeder.await {
+            Ok(Ok(n)) => {
+                println!("adversary attacked {n} updates");
+                attacked = Some(n);
+            }
+            Ok(Err(e)) => tracing::warn!("adversary failed: {e}"),
+            Err(e) => tracing::warn!("adversary task failed: {e}"),
+        }
+    }
+    outcome?;
+    let status = federation.status();
+    if let Some(f) = status.failure {
+        return Err(LabError::Message(format!("federation stopped early: {f}")));
+    }
+    Ok(SimulationOutcome {
+        wall: started.elapsed(),
+        final_accuracy: status
+            .history
+            .last()
+            .and_then(|r| r.test.as_ref())
+            .map(|t| t.accuracy),
+        attacked,
+    })
+}
+
+/// Prints a line per committed round (and a bar on a terminal) until the federation ends.
+async fn show_progress(fed: Arc<Federation>, rounds: u32) {
+    let bar = progress_bar(
+        u64::from(rounds),
+        "rounds [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+    );
+    let mut changes = fed.watch();
+    let mut printed = fed.status().history.len();
+    bar.set_position(printed as u64);
+    loop {
+        let s = fed.status();
+        for r in &s.history[printed.min(s.history.len())..] {
+            let acc = r
+                .test
+                .as_ref()
+                .map_or("-".into(), |t| format!("{:.4}", t.accuracy));
+            bar.println(format!(
+                "round {:>3}/{rounds}: {} updates, shuffle ratio {:.2}, test accuracy {acc}, client loss {:.3}, {:.1}s",
+                r.round,
+                r.aggregated.len(),
+                r.shuffle_ratio,
+                r.client_metrics.get("loss").copied().unwrap_or(f64::NAN),
+                r.wall_seconds
+            ));
+            if bar.is_hidden() {
+                println!(
+                    "round {:>3}/{rounds}: {} updates, shuffle ratio {:.2}, test accuracy {acc}, {:.1}s",
+                    r.round,
+                    r.aggregated.len(),
+                    r.shuffle_ratio,
+                    r.wall_seconds
+                );
+            }
+        }
+        printed = s.history.len();
+        bar.set_position(printed as u64);
+        bar.set_message(format!("{} clients, {}", s.connected, s.phase.name()));
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
