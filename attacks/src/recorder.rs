@@ -322,3 +322,51 @@ pub fn read_round_summaries(layout: &AttacksLayout) -> Vec<RoundAttackSummary> {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mjp::NamedTensor;
+
+    #[test]
+    fn a_saved_update_reads_back_as_it_was_seen_and_a_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = NamedTensors::new(vec![NamedTensor {
+            name: "w".into(),
+            shape: vec![2],
+            data: vec![0.5, -1.0],
+        }]);
+        let observed = ObservedUpdate {
+            sequence: 7,
+            client_id: "sim-03".into(),
+            accepted: true,
+            dropped_before: 0,
+            config: RoundConfig::fedsgd(4, 0.25, 0.01, 9),
+            update: std::sync::Arc::new(ModelUpdate {
+                round: 12,
+                model_version: 11,
+                kind: UpdateKind::FedSgd,
+                batch_size: 4,
+                num_examples: 4,
+                local_steps: 1,
+                metrics: BTreeMap::new(),
+                tensors: tensors.clone(),
+            }),
+        };
+        let layout = AttacksLayout::new(dir.path());
+        let path = layout.saved_update(12, "sim-03");
+        save_update(&path, &observed).unwrap();
+        let back = load_update(&path).unwrap();
+        assert_eq!(back.client_id, "sim-03");
+        assert_eq!(back.config, observed.config);
+        assert_eq!(*back.update, *observed.update);
+        // A safetensors file without our metadata is refused by name, not read with defaults.
+        let foreign = dir.path().join("foreign.safetensors");
+        tensors.save(&foreign, HashMap::new()).unwrap();
+        let err = load_update(&foreign).unwrap_err().to_string();
+        assert!(
+            err.contains("foreign.safetensors") && err.contains(SAVED_UPDATE_KEY),
+            "{err}"
+        );
+    }
+}
