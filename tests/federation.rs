@@ -5,14 +5,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RawClient, free_port, small_config};
+use common::{RawClient, free_port, messages, small_config};
 use mjp::NamedTensors;
 use mjp::layout::RunLayout;
 use mjpfl_attacks::recorder::read_records;
 use mjpfl_client::ClientConfig;
 use mjpfl_coordinator::{Coordinator, rundir};
 use mjpfl_lab::{SimulationOptions, run_simulation};
-use mjpfl_proto::convert;
 use mjpfl_proto::v1;
 use tokio::sync::watch;
 use tonic::Code;
@@ -197,32 +196,6 @@ async fn coordinator_killed_and_restarted_resumes_without_losing_or_repeating_ro
             .0;
         assert!(b.sub(&a).unwrap().l2_norm() > 0.0);
     }
-}
-
-/// Builds the SubmitUpdate messages of `tensors` with a header that may be tweaked.
-fn messages(
-    token: &str,
-    task: &v1::TrainTask,
-    tensors: &NamedTensors,
-    tweak: impl FnOnce(&mut v1::UpdateHeader, &mut Vec<v1::TensorChunk>),
-) -> Vec<v1::UpdateMessage> {
-    let update = mjp::fl::ModelUpdate {
-        round: task.round,
-        model_version: task.model_version,
-        kind: mjp::fl::UpdateKind::FedAvg,
-        batch_size: 8,
-        num_examples: 8,
-        local_steps: 1,
-        metrics: Default::default(),
-        tensors: tensors.clone(),
-    };
-    let mut header = convert::update_header(&update, token);
-    let mut chunks = convert::chunk_tensors(tensors, 64 * 1024);
-    tweak(&mut header, &mut chunks);
-    std::iter::once(v1::update_message::Kind::Header(header))
-        .chain(chunks.into_iter().map(v1::update_message::Kind::Chunk))
-        .map(|k| v1::UpdateMessage { kind: Some(k) })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,12 +55,13 @@ impl Aggregator {
         }
     }
 
-    /// Folds in one validated update (tensors in manifest order) with its weight.
-    pub fn fold(&mut self, update: &NamedTensors, weight: f64) {
+    /// Folds in one validated update (tensors in manifest order) with its weight, its values
+    /// multiplied by `scale` (1, or less for an update clipped to the norm bound).
+    pub fn fold(&mut self, update: &NamedTensors, weight: f64, scale: f64) {
         debug_assert_eq!(update.manifest(), self.manifest);
         match self.kind {
             AggregatorKind::Mean => {
-                let w = weight as f32;
+                let w = (weight * scale) as f32;
                 for (acc, t) in self.sum.iter_mut().zip(update.tensors()) {
                     for (a, v) in acc.iter_mut().zip(&t.data) {
                         *a += w * v;
@@ -68,7 +69,13 @@ impl Aggregator {
                 }
             }
             // Robust aggregators need every update at once (O(clients x model) by nature).
-            _ => self.held.push(update.clone()),
+            _ => {
+                let mut held = update.clone();
+                if scale != 1.0 {
+                    held.scale(scale as f32);
+                }
+                self.held.push(held);
+            }
         }
         self.weight += weight;
         self.count += 1;
@@ -275,17 +282,17 @@ mod tests {
     fn weighted_mean_median_trimmed() {
         let m = nt(&[0.0, 0.0]).manifest();
         let mut a = Aggregator::new(AggregatorKind::Mean, &m);
-        a.fold(&nt(&[1.0, 2.0]), 1.0);
-        a.fold(&nt(&[4.0, 8.0]), 3.0);
+        a.fold(&nt(&[1.0, 2.0]), 1.0, 1.0);
+        a.fold(&nt(&[4.0, 8.0]), 3.0, 1.0);
         assert_eq!(a.finish().unwrap().tensors()[0].data, vec![3.25, 6.5]);
         let mut a = Aggregator::new(AggregatorKind::Median, &m);
         for v in [[1.0, 100.0], [2.0, -5.0], [3.0, 0.0]] {
-            a.fold(&nt(&v), 1.0);
+            a.fold(&nt(&v), 1.0, 1.0);
         }
         assert_eq!(a.finish().unwrap().tensors()[0].data, vec![2.0, 0.0]);
         let mut a = Aggregator::new(AggregatorKind::TrimmedMean { fraction: 0.25 }, &m);
         for v in [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [1000.0, 0.0]] {
-            a.fold(&nt(&v), 1.0);
+            a.fold(&nt(&v), 1.0, 1.0);
         }
         assert_eq!(a.finish().unwrap().tensors()[0].data, vec![2.5, 0.0]);
         assert!(Aggregator::new(AggregatorKind::Mean, &m).finish().is_none());

@@ -11,6 +11,7 @@ use mjp::train::OptimizerKind;
 use mjp::{DalKind, DeviceSpec, PeMode, VitConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::admission::AdmissionSection;
 use crate::aggregate::{AggregatorKind, ServerOptimizer};
 use crate::error::{CoordinatorError, Result};
 use crate::schedule::ShuffleSchedule;
@@ -33,6 +34,8 @@ pub struct CoordinatorConfig {
     pub partition: PartitionScheme,
     /// Network and resources.
     pub server: ServerSection,
+    /// What one update may weigh and move.
+    pub admission: AdmissionSection,
 }
 
 /// `[federation]`.
@@ -305,6 +308,9 @@ impl CoordinatorConfig {
         let t = &self.training;
         self.model.vit()?;
         self.shuffle.validate()?;
+        self.admission
+            .validate()
+            .map_err(CoordinatorError::Config)?;
         if f.rounds == 0 {
             return bad("federation.rounds must be >= 1".into());
         }

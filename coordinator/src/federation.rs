@@ -21,6 +21,7 @@ use mjp::params::{Manifest, NamedTensors};
 use mjp::{Seed, Vit, VitConfig};
 use tokio::sync::{Semaphore, watch};
 
+use crate::admission::Admission;
 use crate::aggregate::{Aggregator, ServerState};
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
@@ -101,6 +102,10 @@ struct OpenRound {
     sampled: BTreeSet<String>,
     submitted: BTreeSet<String>,
     aggregator: Aggregator,
+    /// The L2 bound of this round's updates (from the global model they start from).
+    norm_bound: f64,
+    /// An upper bound of any value of the running sum (sum of weight x scale x max |value|).
+    magnitude: f64,
     metrics: BTreeMap<String, (f64, u32)>,
     rejected: u32,
     opened: Instant,
@@ -135,6 +140,7 @@ pub struct Federation {
     changed: watch::Sender<u64>,
     upload_permits: Arc<Semaphore>,
     test_data: Option<Dataset>,
+    admission: Admission,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -164,7 +170,7 @@ impl Federation {
                     global,
                     state.completed_rounds,
                     history,
-                    run_dir.load_server_state()?,
+                    run_dir.load_server_state(u64::from(state.completed_rounds))?,
                 )
             }
             None => {
@@ -216,7 +222,9 @@ impl Federation {
             Phase::Waiting
         };
         let (changed, _) = watch::channel(0);
+        let admission = Admission::new(&config);
         Ok(Arc::new(Self {
+            admission,
             upload_permits: Arc::new(Semaphore::new(config.server.max_concurrent_uploads.max(1))),
             tap: Tap::new(config.server.tap_queue),
             config,

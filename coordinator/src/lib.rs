@@ -18,6 +18,7 @@
 //! - `service`: the gRPC edge (wire types in and out, refusals to statuses);
 //! - `server`: binding, serving and shutdown.
 
+pub mod admission;
 pub mod aggregate;
 pub mod config;
 pub mod error;

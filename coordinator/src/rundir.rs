@@ -74,6 +74,11 @@ impl RunDir {
         ] {
             std::fs::create_dir_all(&p).map_err(|e| CoordinatorError::io(&p, e))?;
         }
+        let stale = mjp::fsutil::remove_stale_temps(layout.root())
+            + mjp::fsutil::remove_stale_temps(&layout.checkpoints());
+        if stale > 0 {
+            tracing::info!("removed {stale} temporary files an interrupted write left behind");
+        }
         Ok(Self { layout })
     }
 
@@ -136,7 +141,7 @@ impl RunDir {
 
     /// Commits a completed round: record appended, then state.json moved forward.
     pub fn commit_round(&self, record: &RoundRecord, server: &ServerState) -> Result<()> {
-        self.save_server_state(server)?;
+        self.save_server_state(record.model_version, server)?;
         let path = self.layout.rounds();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -176,9 +181,13 @@ impl RunDir {
         Ok(keep)
     }
 
-    fn save_server_state(&self, s: &ServerState) -> Result<()> {
+    fn save_server_state(&self, version: u64, s: &ServerState) -> Result<()> {
         if s.m.is_empty() {
             return Ok(());
+        }
+        // Moments older than the previous version are never read again.
+        if let Some(old) = version.checked_sub(2) {
+            let _ = std::fs::remove_file(self.layout.server_optimiser(old));
         }
         let tensors =
             s.m.iter()
@@ -195,12 +204,18 @@ impl RunDir {
                 }))
                 .collect();
         let meta = HashMap::from([("step".to_string(), s.step.to_string())]);
-        Ok(NamedTensors::new(tensors).save(&self.layout.server_optimiser(), meta)?)
+        Ok(NamedTensors::new(tensors).save(&self.layout.server_optimiser(version), meta)?)
     }
 
-    /// The server optimiser state saved with the last committed round (empty if none).
-    pub fn load_server_state(&self) -> Result<ServerState> {
-        let p = self.layout.server_optimiser();
+    /// The server optimiser state committed with model version `version` (empty if the
+    /// optimiser keeps none; a run of an earlier mjpfl kept only the last one, unversioned).
+    pub fn load_server_state(&self, version: u64) -> Result<ServerState> {
+        let versioned = self.layout.server_optimiser(version);
+        let p = if versioned.exists() {
+            versioned
+        } else {
+            self.layout.legacy_server_optimiser()
+        };
         if !p.exists() {
             return Ok(ServerState::default());
         }

@@ -470,7 +470,7 @@ pub fn aggregate(args: &AggregateBench) -> Result<()> {
         &tensors.manifest(),
     );
     for _ in 0..n {
-        acc.fold(&tensors, 100.0);
+        acc.fold(&tensors, 100.0, 1.0);
     }
     let mean = acc.finish().context("empty fold")?;
     let mem_secs = start.elapsed().as_secs_f64();

@@ -94,21 +94,41 @@ impl DataSource {
     /// Loads one split, resized to `size` and converted to `channels` when given.
     pub fn load(&self, split: Split, data_dir: &Path) -> Result<Dataset> {
         match self {
-            Self::FashionMnist => {
-                let local = data_dir.join("fashion-mnist");
-                let dir = if local.exists() || !Path::new(DEBIAN_FASHION_MNIST).exists() {
-                    local
-                } else {
-                    PathBuf::from(DEBIAN_FASHION_MNIST)
-                };
-                load_idx(&dir, split, "fashion-mnist")
-            }
+            Self::FashionMnist => load_idx(&fashion_mnist_dir(data_dir), split, "fashion-mnist"),
             Self::Mnist => load_idx(&data_dir.join("mnist"), split, "mnist"),
             Self::Idx(dir) => load_idx(dir, split, &dir.display().to_string()),
             Self::Cifar10(dir) => load_cifar(dir, split, false),
             Self::Cifar100(dir) => load_cifar(dir, split, true),
             Self::Folder(dir) => load_folder(dir, split),
         }
+    }
+
+    /// The labels of one split and the number of classes, without decoding images where the
+    /// format keeps labels apart (IDX): what a coordinator needs to know the partition sizes.
+    pub fn labels(&self, split: Split, data_dir: &Path) -> Result<(Vec<u32>, usize)> {
+        let idx_dir = match self {
+            Self::FashionMnist => Some(fashion_mnist_dir(data_dir)),
+            Self::Mnist => Some(data_dir.join("mnist")),
+            Self::Idx(dir) => Some(dir.clone()),
+            Self::Cifar10(_) | Self::Cifar100(_) | Self::Folder(_) => None,
+        };
+        match idx_dir {
+            Some(dir) => Ok((idx_labels(&dir, split)?.1, 10)),
+            None => {
+                let ds = self.load(split, data_dir)?;
+                Ok((ds.labels, ds.num_classes))
+            }
+        }
+    }
+}
+
+/// Where Fashion-MNIST is read from: `data_dir` if fetched there, else Debian's package.
+fn fashion_mnist_dir(data_dir: &Path) -> PathBuf {
+    let local = data_dir.join("fashion-mnist");
+    if local.exists() || !Path::new(DEBIAN_FASHION_MNIST).exists() {
+        local
+    } else {
+        PathBuf::from(DEBIAN_FASHION_MNIST)
     }
 }
 
@@ -405,18 +425,17 @@ pub fn parse_idx(bytes: &[u8], path: &Path, expected_dims: usize) -> Result<(Vec
     Ok((dims, payload.to_vec()))
 }
 
-fn load_idx(dir: &Path, split: Split, name: &str) -> Result<Dataset> {
-    let prefix = match split {
+/// The IDX file-name prefix of a split.
+fn idx_prefix(split: Split) -> &'static str {
+    match split {
         Split::Train => "train",
         Split::Test => "t10k",
-    };
-    let image_path = find_file(
-        dir,
-        &[
-            &format!("{prefix}-images-idx3-ubyte"),
-            &format!("{prefix}-images.idx3-ubyte"),
-        ],
-    )?;
+    }
+}
+
+/// The label file of an IDX split and its labels (checked to be 0..=9).
+fn idx_labels(dir: &Path, split: Split) -> Result<(PathBuf, Vec<u32>)> {
+    let prefix = idx_prefix(split);
     let label_path = find_file(
         dir,
         &[
@@ -424,8 +443,27 @@ fn load_idx(dir: &Path, split: Split, name: &str) -> Result<Dataset> {
             &format!("{prefix}-labels.idx1-ubyte"),
         ],
     )?;
+    let (_, labels) = parse_idx(&read_maybe_gz(&label_path)?, &label_path, 1)?;
+    if let Some(bad) = labels.iter().find(|&&l| l > 9) {
+        return Err(MjpError::data(
+            &label_path,
+            format!("label {bad} outside 0..=9"),
+        ));
+    }
+    Ok((label_path, labels.into_iter().map(u32::from).collect()))
+}
+
+fn load_idx(dir: &Path, split: Split, name: &str) -> Result<Dataset> {
+    let prefix = idx_prefix(split);
+    let image_path = find_file(
+        dir,
+        &[
+            &format!("{prefix}-images-idx3-ubyte"),
+            &format!("{prefix}-images.idx3-ubyte"),
+        ],
+    )?;
     let (dims, images) = parse_idx(&read_maybe_gz(&image_path)?, &image_path, 3)?;
-    let (ldims, labels) = parse_idx(&read_maybe_gz(&label_path)?, &label_path, 1)?;
+    let (label_path, labels) = idx_labels(dir, split)?;
     if dims[1] != dims[2] {
         return Err(MjpError::data(
             &image_path,
@@ -435,21 +473,15 @@ fn load_idx(dir: &Path, split: Split, name: &str) -> Result<Dataset> {
             ),
         ));
     }
-    if ldims[0] != dims[0] {
+    if labels.len() != dims[0] {
         return Err(MjpError::data(
             &label_path,
             format!(
                 "{} labels for {} images in {}",
-                ldims[0],
+                labels.len(),
                 dims[0],
                 image_path.display()
             ),
-        ));
-    }
-    if let Some(bad) = labels.iter().find(|&&l| l > 9) {
-        return Err(MjpError::data(
-            &label_path,
-            format!("label {bad} outside 0..=9"),
         ));
     }
     Ok(Dataset {
@@ -458,7 +490,7 @@ fn load_idx(dir: &Path, split: Split, name: &str) -> Result<Dataset> {
         size: dims[1],
         num_classes: 10,
         images,
-        labels: labels.into_iter().map(u32::from).collect(),
+        labels,
     })
 }
 

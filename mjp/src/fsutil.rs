@@ -14,6 +14,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Removes the temporary files an interrupted [`write_atomic`] or [`replace_atomic`] left in
+/// `dir` (a kill between write and rename); returns how many. Call only where no other process
+/// is writing into `dir`.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('.') && name.contains(".tmp-")
+        })
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Like [`write_atomic`], for writers that stream into a file of their own: `write` creates and
 /// fills the temporary path it is given; the file is then synced and renamed over `path`.
 pub fn replace_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -37,4 +55,20 @@ pub fn replace_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
         return Err(e);
     }
     std::fs::rename(&tmp, path).map_err(|e| MjpError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stale_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        super::write_atomic(&dir.path().join("state.json"), b"{}").unwrap();
+        std::fs::write(dir.path().join(".state.json.tmp-4242"), b"half").unwrap();
+        assert_eq!(super::remove_stale_temps(dir.path()), 1);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("state.json")]);
+    }
 }

@@ -8,7 +8,7 @@
 //! <run>/rounds.jsonl                               one round record per committed round
 //! <run>/state.json                                 the commit point (last committed round)
 //! <run>/checkpoints/round-NNNN.safetensors         global model version N
-//! <run>/checkpoints/server-opt.safetensors         server optimiser moments
+//! <run>/checkpoints/server-opt-round-NNNN.safetensors   server optimiser moments after version N
 //! <run>/audit/round-NNNN/<client>.json             ground truth (simulated clients, opt-in)
 //! <run>/attacks/round-NNNN/<client>.json|.png      the adversary's record and picture
 //! <run>/attacks/round-NNNN/<client>.update.safetensors   a saved intercepted update
@@ -75,8 +75,15 @@ impl RunLayout {
             .join(format!("{}.safetensors", round_name(version)))
     }
 
-    /// The server optimiser's moments.
-    pub fn server_optimiser(&self) -> PathBuf {
+    /// The server optimiser's moments after model version `version` (committed with it, so a
+    /// crash between the two files can never pair a model with another step's moments).
+    pub fn server_optimiser(&self, version: u64) -> PathBuf {
+        self.checkpoints()
+            .join(format!("server-opt-{}.safetensors", round_name(version)))
+    }
+
+    /// Where runs of earlier versions kept the moments of the last round only.
+    pub fn legacy_server_optimiser(&self) -> PathBuf {
         self.checkpoints().join("server-opt.safetensors")
     }
 

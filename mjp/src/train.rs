@@ -496,6 +496,19 @@ pub struct EvalReport {
     pub jigsaw_examples: usize,
 }
 
+impl EvalReport {
+    /// Whether every figure is finite (JSON has no NaN or infinity: they would be written as
+    /// `null` and not read back).
+    pub fn is_finite(&self) -> bool {
+        [self.accuracy, self.loss]
+            .into_iter()
+            .chain(self.jigsaw_accuracy)
+            .chain(self.consistency_agreement)
+            .chain(self.consistency_feature_l2)
+            .all(f64::is_finite)
+    }
+}
+
 /// Accuracy on the jigsaw uses this shuffle ratio (the paper's setting).
 pub const JIGSAW_EVAL_RATIO: f64 = 0.9;
 /// Consistency uses this shuffle ratio.

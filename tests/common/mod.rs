@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use mjp::NamedTensors;
 use mjp::data::DataSource;
 use mjp::fl::UpdateKind;
 use mjpfl_coordinator::CoordinatorConfig;
@@ -123,4 +124,30 @@ impl RawClient {
             .await
             .unwrap()
     }
+}
+
+/// Builds the SubmitUpdate messages of `tensors` with a header that may be tweaked.
+pub fn messages(
+    token: &str,
+    task: &v1::TrainTask,
+    tensors: &NamedTensors,
+    tweak: impl FnOnce(&mut v1::UpdateHeader, &mut Vec<v1::TensorChunk>),
+) -> Vec<v1::UpdateMessage> {
+    let update = mjp::fl::ModelUpdate {
+        round: task.round,
+        model_version: task.model_version,
+        kind: mjp::fl::UpdateKind::FedAvg,
+        batch_size: 8,
+        num_examples: 8,
+        local_steps: 1,
+        metrics: Default::default(),
+        tensors: tensors.clone(),
+    };
+    let mut header = mjpfl_proto::convert::update_header(&update, token);
+    let mut chunks = mjpfl_proto::convert::chunk_tensors(tensors, 64 * 1024);
+    tweak(&mut header, &mut chunks);
+    std::iter::once(v1::update_message::Kind::Header(header))
+        .chain(chunks.into_iter().map(v1::update_message::Kind::Chunk))
+        .map(|k| v1::UpdateMessage { kind: Some(k) })
+        .collect()
 }

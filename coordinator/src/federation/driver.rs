@@ -12,7 +12,7 @@ use mjp::train::{EvalOptions, EvalReport, evaluate};
 use tokio::sync::watch;
 
 use super::{Federation, OpenRound, Phase, unix_ms};
-use crate::aggregate::{Aggregator, apply};
+use crate::aggregate::{Aggregator, ServerState, apply};
 use crate::error::{CoordinatorError, Result};
 use crate::rundir::RoundRecord;
 
@@ -111,6 +111,21 @@ impl Federation {
                 .and_then(|r| r);
             let record = match committed {
                 Ok(record) => record,
+                // The aggregate moved the model somewhere non-finite: nothing was applied or
+                // written; the round is tried again (with another sample) like a starved one.
+                Err(e @ CoordinatorError::Diverged { .. }) => {
+                    let mut s = self.lock();
+                    s.attempt += 1;
+                    tracing::warn!("{e}; global model unchanged, retrying the round");
+                    if s.attempt > f.max_round_retries + 1 {
+                        s.failure = Some(format!("round {round}: {e}"));
+                        s.phase = Phase::Finished;
+                        drop(s);
+                        self.notify();
+                        return Err(e);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     // The global model did not move; stop so clients exit with the reason and a
                     // restart resumes from the last committed round.
@@ -154,6 +169,8 @@ impl Federation {
             sampled,
             submitted: BTreeSet::new(),
             aggregator: Aggregator::new(self.config.training.aggregator, &self.manifest),
+            norm_bound: self.admission.norm_bound(&s.global),
+            magnitude: 0.0,
             metrics: BTreeMap::new(),
             rejected: 0,
             opened: Instant::now(),
@@ -177,6 +194,15 @@ impl Federation {
         let aggregated = open.submitted.iter().cloned().collect();
         let update = open.aggregator.finish().expect("min_fit >= 1 updates");
         let kind = self.config.training.update_kind;
+        // A diverged round leaves the optimiser state as it was (Adam: two models' worth).
+        let before = server.clone();
+        let diverged = |server: ServerState, reason: String| {
+            self.lock().server = server;
+            CoordinatorError::Diverged {
+                round: open.round,
+                reason,
+            }
+        };
         let new_global = apply(
             &self.config.training.server_optimizer(),
             &mut server,
@@ -185,12 +211,12 @@ impl Federation {
             kind,
         );
         drop(global);
-        new_global
-            .check_finite()
-            .map_err(|e| CoordinatorError::Diverged {
-                round: open.round,
-                reason: e.to_string(),
-            })?;
+        if let Err(e) = new_global.check_finite() {
+            return Err(diverged(
+                before,
+                format!("aggregated model is not finite: {e}"),
+            ));
+        }
         let every = self.config.data.eval_every.max(1);
         let due = open.round == 1
             || open.round.is_multiple_of(every)
@@ -200,6 +226,18 @@ impl Federation {
         } else {
             None
         };
+        // Nothing non-finite reaches rounds.jsonl (it would not read back, and resume with it).
+        if let Some(t) = &test
+            && !t.is_finite()
+        {
+            return Err(diverged(
+                before,
+                format!(
+                    "evaluation of the new model is not finite (loss {})",
+                    t.loss
+                ),
+            ));
+        }
         let version = open.version + 1;
         self.run_dir.save_model(version, &new_global, &self.vit)?;
         let record = RoundRecord {

@@ -32,6 +32,23 @@ pub struct Joined {
     pub partition: u32,
 }
 
+/// Longest client name kept (and logged).
+const MAX_NAME: usize = 64;
+
+/// A client's name as kept and logged: at most [`MAX_NAME`] characters, control characters
+/// (a newline would forge a log line) replaced.
+fn display_name(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .take(MAX_NAME)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if name.chars().count() > MAX_NAME {
+        out.push('~');
+    }
+    out
+}
+
 fn new_token() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -54,6 +71,8 @@ impl Federation {
         if secret != self.config.federation.join_secret {
             return Err(Refusal::Unauthenticated("wrong join secret".into()));
         }
+        let name = display_name(name);
+        let name = name.as_str();
         let count = self.config.partition.count();
         let mut s = self.lock();
         if let Some(old) = s.tokens.remove(previous_token) {
@@ -125,5 +144,19 @@ impl Federation {
             .values()
             .filter(|c| c.last_seen.elapsed() < timeout)
             .count() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_bounded_and_cannot_forge_log_lines() {
+        assert_eq!(super::display_name("sim-01"), "sim-01");
+        assert_eq!(super::display_name("a\nINFO x"), "a?INFO x");
+        let long = "x".repeat(1 << 20);
+        assert_eq!(
+            super::display_name(&long).chars().count(),
+            super::MAX_NAME + 1
+        );
     }
 }

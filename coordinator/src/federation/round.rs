@@ -245,8 +245,30 @@ impl Federation {
         {
             return Err(Refusal::InvalidArgument(e.to_string()));
         }
-        if update.num_examples == 0 {
-            return Err(Refusal::InvalidArgument("num_examples must be >= 1".into()));
+        self.admission
+            .check_metrics(&update.metrics)
+            .map_err(Refusal::InvalidArgument)?;
+        // The bounds come from what the server knows (the partition it assigned, the round's
+        // recipe, the global model); the update's norm is measured outside the lock.
+        let (max_weight, norm_bound) = {
+            let s = self.lock();
+            let partition = s.clients.get(&ticket.client_id).map_or(0, |c| c.partition);
+            let bound = s.round.as_ref().map_or(f64::INFINITY, |r| r.norm_bound);
+            (self.admission.max_weight(partition, &ticket.config), bound)
+        };
+        let admitted = self
+            .admission
+            .admit(&update.tensors, update.num_examples, max_weight, norm_bound)
+            .map_err(Refusal::InvalidArgument)?;
+        if admitted.weight < update.num_examples as f64 || admitted.scale < 1.0 {
+            tracing::warn!(
+                "{}: update bounded (claimed {} examples, weighted {}; L2 norm {:.3e}, scaled by {:.3e})",
+                ticket.client_id,
+                update.num_examples,
+                admitted.weight,
+                admitted.norm,
+                admitted.scale
+            );
         }
         // Sequence numbers are taken only for updates that reach the tap: a gap means a drop.
         let observed = |accepted: bool, update: ModelUpdate| ObservedUpdate {
@@ -269,22 +291,31 @@ impl Federation {
                 ticket.round
             )));
         };
+        // Each update adds at most weight x scale x max|value| to any value of the running sum:
+        // refuse the one that could take it past what f32 holds.
+        let adds = admitted.weight * admitted.scale * admitted.max_abs;
+        if r.magnitude + adds > f64::from(f32::MAX) / 4.0 {
+            return Err(Refusal::InvalidArgument(format!(
+                "update values up to {:.3e} with weight {} would overflow the round's aggregate",
+                admitted.max_abs, admitted.weight
+            )));
+        }
         if !r.submitted.insert(ticket.client_id.clone()) {
             return Err(Refusal::AlreadyExists(format!(
                 "{} already submitted for round {}",
                 ticket.client_id, r.round
             )));
         }
+        r.magnitude += adds;
+        // Metric values are finite and bounded (admission), so their sums are too.
         for (k, v) in &update.metrics {
-            if v.is_finite() {
-                let e = r.metrics.entry(k.clone()).or_insert((0.0, 0));
-                e.0 += v;
-                e.1 += 1;
-            }
+            let e = r.metrics.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
         }
         // The tap gets the update exactly as received; the mean folds it without a copy.
         r.aggregator
-            .fold(&update.tensors, update.num_examples as f64);
+            .fold(&update.tensors, admitted.weight, admitted.scale);
         let received = r.submitted.len() as u32;
         drop(s);
         self.tap.publish(observed(true, update));

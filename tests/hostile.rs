@@ -1,0 +1,128 @@
+//! Hostile peers against a real coordinator on 127.0.0.1, crafting uploads by hand from the
+//! published protocol: no single client may decide the aggregate by its claimed weight, move
+//! the model arbitrarily with a finite update, overflow the running sum, stop the process, or
+//! write a value into the run directory that makes it impossible to resume.
+
+mod common;
+
+use common::{RawClient, messages, small_config};
+use mjp::NamedTensors;
+use mjp::layout::RunLayout;
+use mjpfl_coordinator::{Coordinator, rundir};
+use mjpfl_proto::v1;
+use tonic::Code;
+
+/// Submits `tensors` for `raw`'s task with `num_examples` and `metrics` in the header.
+async fn submit(
+    raw: &mut RawClient,
+    task: &v1::TrainTask,
+    tensors: &NamedTensors,
+    num_examples: u64,
+    metrics: &[(&str, f64)],
+) -> Result<(), tonic::Status> {
+    let msgs = messages(&raw.token, task, tensors, |h, _| {
+        h.num_examples = num_examples;
+        h.metrics = metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    });
+    raw.client
+        .submit_update(tokio_stream::iter(msgs))
+        .await
+        .map(|_| ())
+}
+
+fn filled(like: &NamedTensors, v: f32) -> NamedTensors {
+    let mut t = like.clone();
+    for x in t.tensors_mut() {
+        x.data.iter_mut().for_each(|d| *d = v);
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_weights_huge_updates_and_absurd_metrics_are_bounded_and_the_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two clients, one FedAvg round (server SGD, lr 1: the new model is the old plus the mean).
+    let mut config = small_config(2, 1);
+    config.federation.round_deadline_secs = 120.0;
+    config.data.eval_jigsaw_metrics = false;
+    let coordinator = Coordinator::start(config.clone(), dir.path())
+        .await
+        .unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let mut honest = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let mut hostile = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let (t_honest, t_hostile) = (honest.train_task().await, hostile.train_task().await);
+    let before = honest.model(0).await;
+    let bound = 10.0 * before.l2_norm();
+    let n = before.numel() as f64;
+
+    // Absurd metrics are refused at the edge (they would sum to infinity in rounds.jsonl).
+    let small = filled(&before, 1e-4);
+    for metrics in [
+        vec![("loss", 1.7e308)],
+        vec![("loss", f64::NAN)],
+        vec![("line\nINFO forged", 1.0)],
+    ] {
+        let err = submit(&mut hostile, &t_hostile, &small, 8, &metrics)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{metrics:?}: {err}");
+    }
+    let many: Vec<(String, f64)> = (0..1000).map(|i| (format!("m{i}"), 1.0)).collect();
+    let many: Vec<(&str, f64)> = many.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let err = submit(&mut hostile, &t_hostile, &small, 8, &many)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The hostile update: 3e38 everywhere (finite), claiming 10^9 examples. Before, it took
+    // 0.9999998 of the weight, and with weight 100 overflowed the f32 sum and killed the process.
+    let huge = filled(&before, 3e38);
+    submit(&mut hostile, &t_hostile, &huge, 1_000_000_000, &[])
+        .await
+        .expect("a finite update is admitted, bounded");
+    // The honest one: 1e-4 everywhere, 8 examples, an ordinary loss.
+    submit(&mut honest, &t_honest, &small, 8, &[("loss", 2.3)])
+        .await
+        .unwrap();
+    coordinator.run_to_completion().await.unwrap();
+
+    let run = RunLayout::new(dir.path());
+    let after = NamedTensors::load(&run.checkpoint(1)).unwrap().0;
+    after.check_finite().unwrap();
+    let delta = after.sub(&before).unwrap();
+    // Weights: the fixture's 600 training images in 2 IID partitions, so the hostile client may
+    // claim 300; its update is clipped to the norm bound (every value bound / sqrt(n)).
+    let (w_hostile, w_honest) = (300.0, 8.0);
+    let clipped = bound / n.sqrt();
+    let expected = (w_hostile * clipped + w_honest * 1e-4) / (w_hostile + w_honest);
+    let got = f64::from(delta.tensors()[0].data[0]);
+    assert!(
+        (got - expected).abs() <= 1e-3 * expected,
+        "each value moved by {got:.6e}, expected {expected:.6e}"
+    );
+    assert!(
+        delta.l2_norm() <= bound * 1.0001,
+        "moved {}",
+        delta.l2_norm()
+    );
+    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0].aggregated.len(), 2);
+    assert_eq!(rounds[0].client_metrics.get("loss"), Some(&2.3));
+    assert!(rounds[0].test.as_ref().unwrap().is_finite());
+
+    // The run directory resumes: one more round on the same directory.
+    config.federation.rounds = 2;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let mut a = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let mut b = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let (ta, tb) = (a.train_task().await, b.train_task().await);
+    assert_eq!((ta.round, ta.model_version), (2, 1));
+    let zero = filled(&before, 0.0);
+    submit(&mut a, &ta, &zero, 8, &[]).await.unwrap();
+    submit(&mut b, &tb, &zero, 8, &[]).await.unwrap();
+    coordinator.run_to_completion().await.unwrap();
+    assert_eq!(rundir::read_rounds(dir.path()).unwrap().len(), 2);
+}
