@@ -126,3 +126,63 @@ async fn claimed_weights_huge_updates_and_absurd_metrics_are_bounded_and_the_run
     coordinator.run_to_completion().await.unwrap();
     assert_eq!(rundir::read_rounds(dir.path()).unwrap().len(), 2);
 }
+
+/// Opens an upload that sends its header and then nothing, holding the stream open.
+async fn silent_upload(
+    raw: &RawClient,
+    task: &v1::TrainTask,
+    like: &NamedTensors,
+) -> (
+    tokio::sync::mpsc::Sender<v1::UpdateMessage>,
+    tokio::task::JoinHandle<Result<tonic::Response<v1::SubmitUpdateResponse>, tonic::Status>>,
+) {
+    let header = messages(&raw.token, task, like, |_, _| {}).remove(0);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(header).await.unwrap();
+    let mut client = raw.client.clone();
+    let call = tokio::spawn(async move {
+        client
+            .submit_update(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    (tx, call)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_followed_by_silence_holds_no_slot_and_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(2, 1);
+    config.federation.round_deadline_secs = 60.0;
+    config.server.max_concurrent_uploads = 1;
+    config.server.upload_idle_timeout_secs = 2.0;
+    config.data.eval_jigsaw_metrics = false;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let mut slow = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let mut honest = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let (t_slow, t_honest) = (slow.train_task().await, honest.train_task().await);
+    let zero = filled(&honest.model(0).await, 0.0);
+    let started = std::time::Instant::now();
+    // The slow client's header-only stream (its sender kept alive) holds no decoding slot...
+    let (_keep_open, stalled) = silent_upload(&slow, &t_slow, &zero).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ...so the honest upload gets the only one at once, and a session cannot open a second.
+    submit(&mut honest, &t_honest, &zero, 8, &[]).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    let err = submit(&mut slow, &t_slow, &zero, 8, &[]).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err}");
+    // The silent stream is cut off after the idle timeout; its client may then upload.
+    let cut = stalled.await.unwrap().unwrap_err();
+    assert_eq!(cut.code(), Code::DeadlineExceeded, "{cut}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1900)
+            && waited < std::time::Duration::from_secs(10),
+        "{waited:?}"
+    );
+    submit(&mut slow, &t_slow, &zero, 8, &[]).await.unwrap();
+    coordinator.run_to_completion().await.unwrap();
+    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    assert_eq!(rounds[0].aggregated.len(), 2);
+    assert_eq!(rounds[0].closed_by, "all-submitted");
+}

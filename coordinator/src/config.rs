@@ -263,6 +263,8 @@ pub struct ServerSection {
     pub tap_queue: usize,
     /// Largest tensor chunk accepted, bytes.
     pub max_chunk_bytes: usize,
+    /// An upload that sends nothing for this long is cut off (and its decoding slot freed).
+    pub upload_idle_timeout_secs: f64,
     /// Where the coordinator builds the initial model and evaluates the global one (`flex`,
     /// `tch-cpu`, `tch-cuda:N`). Written to `config.toml` only when it is not `flex`, so the
     /// resolved configuration of a default run reads as it did before the key existed.
@@ -281,6 +283,7 @@ impl Default for ServerSection {
             max_concurrent_uploads: 2,
             tap_queue: 256,
             max_chunk_bytes: mjpfl_proto::MAX_CHUNK_BYTES,
+            upload_idle_timeout_secs: 30.0,
             device: DeviceSpec::Flex,
         }
     }
@@ -348,6 +351,11 @@ impl CoordinatorConfig {
             && !(0.0..0.5).contains(&fraction)
         {
             return bad("trimmed-mean fraction must be in [0, 0.5)".into());
+        }
+        if !(self.server.upload_idle_timeout_secs > 0.0
+            && self.server.upload_idle_timeout_secs.is_finite())
+        {
+            return bad("server.upload_idle_timeout_secs must be > 0".into());
         }
         if self.server.max_chunk_bytes < 1024
             || self.server.max_chunk_bytes > mjpfl_proto::MAX_CHUNK_BYTES

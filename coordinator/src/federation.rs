@@ -29,7 +29,7 @@ use crate::rundir::{RoundRecord, RunDir};
 use crate::tap::Tap;
 
 pub use membership::{ClientEntry, Joined};
-pub use round::{TaskDecision, UploadTicket};
+pub use round::{TaskDecision, UploadGuard, UploadTicket};
 
 /// Why a request was refused; `service` maps each kind to one gRPC status code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,10 @@ struct State {
     server: ServerState,
     clients: BTreeMap<String, ClientEntry>,
     tokens: HashMap<String, String>,
+    /// Sessions with an upload in flight (at most one each).
+    uploading: BTreeSet<String>,
+    /// Refused calls that presented no valid session (counted apart from the round's).
+    unauthenticated: u64,
     next_client: u64,
     round: Option<OpenRound>,
     history: Vec<RoundRecord>,
@@ -239,6 +243,8 @@ impl Federation {
                 server,
                 clients: BTreeMap::new(),
                 tokens: HashMap::new(),
+                uploading: BTreeSet::new(),
+                unauthenticated: 0,
                 next_client: 0,
                 round: None,
                 history,

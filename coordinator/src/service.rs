@@ -48,6 +48,11 @@ impl FederationService {
         Self { fed }
     }
 
+    /// How long an upload may send nothing.
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.fed.config().server.upload_idle_timeout_secs)
+    }
+
     /// Validates the header, then the chunks as they arrive, then the decoded values; only a
     /// fully valid update reaches the aggregate.
     async fn receive_update(
@@ -57,10 +62,13 @@ impl FederationService {
         mut stream: Streaming<v1::UpdateMessage>,
     ) -> Result<u32, Status> {
         let client = self.fed.authenticate(&header.session_token)?;
+        let _in_flight = self.fed.begin_upload(&client)?;
         let ticket = self.fed.admit(&client, &header)?;
         let layout = declared.check(self.fed.manifest(), header.total_bytes)?;
+        let idle = self.idle_timeout();
         // One model's worth of memory per update being decoded: bound how many at once, and
-        // allocate nothing for an update until it holds a permit.
+        // take a slot only once data flows (a header followed by silence holds none).
+        let mut next = next_chunk(&mut stream, idle).await?;
         let _permit = self
             .fed
             .upload_permits()
@@ -68,39 +76,48 @@ impl FederationService {
             .await
             .map_err(|_| Status::unavailable("coordinator shutting down"))?;
         let mut assembler = layout.assembler(self.fed.config().server.max_chunk_bytes);
-        loop {
-            match stream.message().await {
-                Ok(Some(v1::UpdateMessage {
-                    kind: Some(v1::update_message::Kind::Chunk(c)),
-                })) => assembler.push(&c)?,
-                Ok(Some(_)) => {
-                    return Err(Status::invalid_argument(
-                        "only chunks may follow the header",
-                    ));
-                }
-                Ok(None) => break,
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
-                    ) =>
-                {
-                    return Err(Status::resource_exhausted(format!(
-                        "message over the size limit: {}",
-                        e.message()
-                    )));
-                }
-                Err(e) => {
-                    return Err(Status::data_loss(format!(
-                        "update stream broke off: {}",
-                        e.message()
-                    )));
-                }
-            }
+        while let Some(chunk) = next {
+            assembler.push(&chunk)?;
+            next = next_chunk(&mut stream, idle).await?;
         }
         let tensors = assembler.finish()?;
         let update = header.into_update(ticket.kind, tensors);
         Ok(self.fed.accept(ticket, update)?)
+    }
+}
+
+/// The next chunk of an upload (`None` at its end), or why the upload is cut off: nothing
+/// arrived for `idle`, a message other than a chunk, an oversized message, a broken stream.
+async fn next_chunk(
+    stream: &mut Streaming<v1::UpdateMessage>,
+    idle: Duration,
+) -> Result<Option<v1::TensorChunk>, Status> {
+    let message = tokio::time::timeout(idle, stream.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded(format!("no data for {idle:?}: upload cut off")))?;
+    match message {
+        Ok(Some(v1::UpdateMessage {
+            kind: Some(v1::update_message::Kind::Chunk(c)),
+        })) => Ok(Some(c)),
+        Ok(Some(_)) => Err(Status::invalid_argument(
+            "only chunks may follow the header",
+        )),
+        Ok(None) => Ok(None),
+        Err(e)
+            if matches!(
+                e.code(),
+                tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+            ) =>
+        {
+            Err(Status::resource_exhausted(format!(
+                "message over the size limit: {}",
+                e.message()
+            )))
+        }
+        Err(e) => Err(Status::data_loss(format!(
+            "update stream broke off: {}",
+            e.message()
+        ))),
     }
 }
 
@@ -228,7 +245,10 @@ impl v1::federation_server::Federation for FederationService {
         request: Request<Streaming<v1::UpdateMessage>>,
     ) -> Result<Response<v1::SubmitUpdateResponse>, Status> {
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
+        let first = tokio::time::timeout(self.idle_timeout(), stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no header: upload cut off"))?;
+        let header = match first? {
             Some(v1::UpdateMessage {
                 kind: Some(v1::update_message::Kind::Header(h)),
             }) => h,
@@ -247,8 +267,20 @@ impl v1::federation_server::Federation for FederationService {
                 round,
                 received,
             })),
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                // Anyone can make these calls: counted apart from the round's rejections, and
+                // logged at a bounded rate (the first ten, then at powers of two).
+                let n = self.fed.note_unauthenticated();
+                if n <= 10 || n.is_power_of_two() {
+                    tracing::warn!(
+                        "update refused without a valid session ({n} so far): {}",
+                        status.message()
+                    );
+                }
+                Err(status)
+            }
             Err(status) => {
-                // Every refusal is counted against the open round and logged with its reason.
+                // A session's refusals are counted against the open round and logged.
                 self.fed.note_rejection();
                 tracing::warn!(
                     "update for round {round} refused ({:?}): {}",

@@ -51,6 +51,18 @@ pub struct UploadTicket {
     pub config: RoundConfig,
 }
 
+/// An upload in flight (see [`Federation::begin_upload`]).
+pub struct UploadGuard {
+    fed: Arc<Federation>,
+    client: String,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        self.fed.lock().uploading.remove(&self.client);
+    }
+}
+
 impl Federation {
     /// Client `partition`'s recipe for `round`: the federation's training section, with the
     /// round's learning rate and shuffle ratio and the client's own sub-seed.
@@ -229,11 +241,34 @@ impl Federation {
         })
     }
 
-    /// Counts a refused update against the open round (if one is open).
+    /// Counts a refused update of an authenticated client against the open round (if one is
+    /// open).
     pub fn note_rejection(&self) {
         if let Some(r) = self.lock().round.as_mut() {
             r.rejected += 1;
         }
+    }
+
+    /// Counts a call refused for want of a valid session; returns the count so far (callers
+    /// log only a few of them: anyone can make these calls).
+    pub fn note_unauthenticated(&self) -> u64 {
+        let mut s = self.lock();
+        s.unauthenticated += 1;
+        s.unauthenticated
+    }
+
+    /// Marks an upload of `client` in flight until the guard drops; refused while another
+    /// upload of the same session is (a session holds at most one decoding slot).
+    pub fn begin_upload(self: &Arc<Self>, client: &str) -> Result<UploadGuard, Refusal> {
+        if !self.lock().uploading.insert(client.to_string()) {
+            return Err(Refusal::AlreadyExists(format!(
+                "{client} already has an upload in flight"
+            )));
+        }
+        Ok(UploadGuard {
+            fed: self.clone(),
+            client: client.to_string(),
+        })
     }
 
     /// Folds a fully received, validated update into the open round; publishes it on the tap.
