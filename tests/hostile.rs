@@ -120,6 +120,11 @@ async fn claimed_weights_huge_updates_and_absurd_metrics_are_bounded_and_the_run
     let mut b = RawClient::join(&endpoint, "mjpfl").await.unwrap();
     let (ta, tb) = (a.train_task().await, b.train_task().await);
     assert_eq!((ta.round, ta.model_version), (2, 1));
+    // Requests for an older version share one copy while any of them holds it.
+    let fed = coordinator.federation.clone();
+    let (old1, old2) = (fed.model(0).unwrap(), fed.model(0).unwrap());
+    assert!(std::sync::Arc::ptr_eq(&old1, &old2));
+    drop((old1, old2, fed));
     let zero = filled(&before, 0.0);
     submit(&mut a, &ta, &zero, 8, &[]).await.unwrap();
     submit(&mut b, &tb, &zero, 8, &[]).await.unwrap();
@@ -185,4 +190,78 @@ async fn a_header_followed_by_silence_holds_no_slot_and_is_cut_off() {
     let rounds = rundir::read_rounds(dir.path()).unwrap();
     assert_eq!(rounds[0].aggregated.len(), 2);
     assert_eq!(rounds[0].closed_by, "all-submitted");
+}
+
+/// Connections the server side has accepted on `port`: this process's socket descriptors whose
+/// TCP entry has `port` as its local port and is not the listener (Linux `/proc`).
+fn accepted_on(port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")
+                .and_then(|r| r.strip_suffix(']'))
+                .map(str::to_string)
+        })
+        .collect();
+    let mut n = 0;
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // f[3] is the state (0A: listening), f[9] the inode.
+            if local_port == Some(port) && f[3] != "0A" && inodes.contains(f[9]) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_capped_and_closed_and_clients_get_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(1, 1);
+    config.federation.round_deadline_secs = 60.0;
+    config.server.max_connections = 8;
+    config.server.connection_idle_timeout_secs = 1.5;
+    config.data.eval_jigsaw_metrics = false;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let addr = coordinator.addr;
+    // 40 connections that never speak HTTP/2 (nor anything else), kept open by this test.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The coordinator holds a descriptor for at most 8 of them; the rest wait in the backlog.
+    let held = accepted_on(addr.port());
+    assert!(
+        (1..=8).contains(&held),
+        "the coordinator accepted {held} of 40 idle connections"
+    );
+    // A real client gets through once the idle ones in front of it have been cut off.
+    let started = std::time::Instant::now();
+    let mut raw = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        RawClient::join(&format!("http://{addr}"), "mjpfl"),
+    )
+    .await
+    .expect("a client got through within 30 s")
+    .unwrap();
+    let task = raw.train_task().await;
+    let zero = filled(&raw.model(0).await, 0.0);
+    submit(&mut raw, &task, &zero, 8, &[]).await.unwrap();
+    coordinator.run_to_completion().await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert_eq!(rundir::read_rounds(dir.path()).unwrap().len(), 1);
+    drop(idle);
 }

@@ -265,6 +265,12 @@ pub struct ServerSection {
     pub max_chunk_bytes: usize,
     /// An upload that sends nothing for this long is cut off (and its decoding slot freed).
     pub upload_idle_timeout_secs: f64,
+    /// Connections open at once; more wait in the kernel's backlog. Keep it well below the
+    /// process's file-descriptor limit (`ulimit -n`): the run directory needs descriptors too.
+    pub max_connections: usize,
+    /// A connection that sends nothing (not even a keep-alive ping's answer) for this long is
+    /// closed.
+    pub connection_idle_timeout_secs: f64,
     /// Where the coordinator builds the initial model and evaluates the global one (`flex`,
     /// `tch-cpu`, `tch-cuda:N`). Written to `config.toml` only when it is not `flex`, so the
     /// resolved configuration of a default run reads as it did before the key existed.
@@ -284,6 +290,8 @@ impl Default for ServerSection {
             tap_queue: 256,
             max_chunk_bytes: mjpfl_proto::MAX_CHUNK_BYTES,
             upload_idle_timeout_secs: 30.0,
+            max_connections: 512,
+            connection_idle_timeout_secs: 60.0,
             device: DeviceSpec::Flex,
         }
     }
@@ -352,10 +360,22 @@ impl CoordinatorConfig {
         {
             return bad("trimmed-mean fraction must be in [0, 0.5)".into());
         }
-        if !(self.server.upload_idle_timeout_secs > 0.0
-            && self.server.upload_idle_timeout_secs.is_finite())
-        {
-            return bad("server.upload_idle_timeout_secs must be > 0".into());
+        for (name, v) in [
+            (
+                "upload_idle_timeout_secs",
+                self.server.upload_idle_timeout_secs,
+            ),
+            (
+                "connection_idle_timeout_secs",
+                self.server.connection_idle_timeout_secs,
+            ),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return bad(format!("server.{name} must be > 0"));
+            }
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections must be >= 1".into());
         }
         if self.server.max_chunk_bytes < 1024
             || self.server.max_chunk_bytes > mjpfl_proto::MAX_CHUNK_BYTES

@@ -13,7 +13,7 @@ mod membership;
 mod round;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mjp::data::{Dataset, Split};
@@ -145,6 +145,9 @@ pub struct Federation {
     upload_permits: Arc<Semaphore>,
     test_data: Option<Dataset>,
     admission: Admission,
+    /// Older versions being served, shared by every download of the same version (200
+    /// abandoned downloads of one old version held 200 copies of it).
+    served: Mutex<HashMap<u64, Weak<NamedTensors>>>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -229,6 +232,7 @@ impl Federation {
         let admission = Admission::new(&config);
         Ok(Arc::new(Self {
             admission,
+            served: Mutex::new(HashMap::new()),
             upload_permits: Arc::new(Semaphore::new(config.server.max_concurrent_uploads.max(1))),
             tap: Tap::new(config.server.tap_queue),
             config,
@@ -318,21 +322,28 @@ impl Federation {
                 "model version {version} is not committed (current version {completed})"
             )));
         }
-        match current {
-            Some(g) => Ok(g),
-            None => {
-                let path = self.run_dir.checkpoint_path(version);
-                if !path.exists() {
-                    return Err(Refusal::NotFound(format!(
-                        "model version {version} is not stored"
-                    )));
-                }
-                self.run_dir
-                    .load_model(version)
-                    .map(Arc::new)
-                    .map_err(|e| Refusal::Internal(format!("reading model version {version}: {e}")))
-            }
+        if let Some(g) = current {
+            return Ok(g);
         }
+        // Held while loading, so concurrent requests for one version read it once.
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.retain(|_, w| w.strong_count() > 0);
+        if let Some(g) = served.get(&version).and_then(Weak::upgrade) {
+            return Ok(g);
+        }
+        let path = self.run_dir.checkpoint_path(version);
+        if !path.exists() {
+            return Err(Refusal::NotFound(format!(
+                "model version {version} is not stored"
+            )));
+        }
+        let g = self
+            .run_dir
+            .load_model(version)
+            .map(Arc::new)
+            .map_err(|e| Refusal::Internal(format!("reading model version {version}: {e}")))?;
+        served.insert(version, Arc::downgrade(&g));
+        Ok(g)
     }
 
     /// A status snapshot.

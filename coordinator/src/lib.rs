@@ -9,6 +9,7 @@
 //!
 //! - `config`: the TOML configuration (every section, defaults, validation);
 //! - `schedule`: the MJP shuffle-ratio schedule;
+//! - `admission`: what one update may weigh and move (weights, norm bound, metrics);
 //! - `aggregate`: aggregation strategies and the server optimiser;
 //! - `rundir`: the run directory's files;
 //! - `tap`: the interception tap observers read;
@@ -16,6 +17,7 @@
 //!   `federation/membership` (join, sessions), `federation/round` (sampling, round configs,
 //!   tasks, admission, acceptance) and `federation/driver` (round loop, commit, evaluation);
 //! - `service`: the gRPC edge (wire types in and out, refusals to statuses);
+//! - `listener`: accepting connections within a cap, idle connections closed;
 //! - `server`: binding, serving and shutdown.
 
 pub mod admission;
@@ -23,6 +25,7 @@ pub mod aggregate;
 pub mod config;
 pub mod error;
 pub mod federation;
+pub mod listener;
 pub mod rundir;
 pub mod schedule;
 pub mod server;

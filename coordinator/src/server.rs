@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mjpfl_proto::v1::federation_server::FederationServer;
 use mjpfl_proto::v1::observer_server::ObserverServer;
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::federation::Federation;
+use crate::listener::{self, Limits};
 use crate::service::{FederationService, ObserverService};
 
 /// HTTP/2 flow control. Each stream may hold this many unread bytes (one wire chunk).
@@ -66,19 +68,23 @@ impl Coordinator {
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit);
         let mut server_rx = rx.clone();
+        let limits = Limits {
+            max_connections: federation.config().server.max_connections,
+            idle: Duration::from_secs_f64(federation.config().server.connection_idle_timeout_secs),
+        };
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                // Pings keep honest connections talking, so only silent ones hit the idle cut.
+                .http2_keepalive_interval(Some(limits.idle / 3))
+                .http2_keepalive_timeout(Some(limits.idle / 3))
                 .add_service(fed_service)
                 .add_service(obs_service)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        let _ = server_rx.wait_for(|s| *s).await;
-                    },
-                )
+                .serve_with_incoming_shutdown(listener::incoming(listener, limits), async move {
+                    let _ = server_rx.wait_for(|s| *s).await;
+                })
                 .await
                 .map_err(CoordinatorError::from)
         });
