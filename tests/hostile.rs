@@ -15,7 +15,7 @@ use tonic::Code;
 /// Submits `tensors` for `raw`'s task with `num_examples` and `metrics` in the header.
 async fn submit(
     raw: &mut RawClient,
-    task: &v1::TrainTask,
+    task: &common::Assigned,
     tensors: &NamedTensors,
     num_examples: u64,
     metrics: &[(&str, f64)],
@@ -135,7 +135,7 @@ async fn claimed_weights_huge_updates_and_absurd_metrics_are_bounded_and_the_run
 /// Opens an upload that sends its header and then nothing, holding the stream open.
 async fn silent_upload(
     raw: &RawClient,
-    task: &v1::TrainTask,
+    task: &common::Assigned,
     like: &NamedTensors,
 ) -> (
     tokio::sync::mpsc::Sender<v1::UpdateMessage>,

@@ -14,7 +14,8 @@ use crate::attack::{Attack, Knowledge};
 use crate::case::AttackCase;
 use crate::error::{AttackError, Result};
 use crate::labels::{mean_probabilities, recover_labels};
-use crate::recorder::{AttackRecord, Recorder, UpdateRecord};
+use crate::record::{AttackRecord, UpdateRecord};
+use crate::recorder::Recorder;
 use crate::scoring::{GroundTruth, score_attack};
 use crate::settings::AdversarySettings;
 

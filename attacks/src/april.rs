@@ -17,11 +17,10 @@
 use mjp::PeMode;
 use mjp::jigsaw::{JigsawPlan, SamplePlan};
 
-use crate::attack::{Attack, Knowledge, Reconstruction};
+use crate::attack::{Attack, Knowledge, Reconstruction, Registration};
 use crate::case::AttackCase;
 use crate::error::{AttackError, Result};
 use crate::linalg::lstsq_min_norm;
-use crate::registry::Registration;
 use crate::victim::Victim;
 
 /// Which closed-form variant.

@@ -6,6 +6,7 @@
 
 use crate::case::AttackCase;
 use crate::error::Result;
+use crate::settings::AdversarySettings;
 
 /// What the adversary knows before any reconstruction: recovered in an earlier stage of the
 /// pipeline, or public.
@@ -34,4 +35,14 @@ pub trait Attack: Send {
     /// Reconstructs the private inputs behind `case.update`, or says why it does not apply
     /// ([`crate::AttackError::NotApplicable`]).
     fn reconstruct(&self, case: &AttackCase, knowledge: &Knowledge<'_>) -> Result<Reconstruction>;
+}
+
+/// How to build one attack from the adversary's settings.
+pub struct Registration {
+    /// The name users type and outputs show.
+    pub name: &'static str,
+    /// One line for `--help` and the docs.
+    pub about: &'static str,
+    /// Builds the attack (the settings carry the optimisation knobs).
+    pub build: fn(&AdversarySettings) -> Box<dyn Attack>,
 }

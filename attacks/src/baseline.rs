@@ -1,10 +1,9 @@
 //! The free baseline every attack must beat: the per-pixel mean of public data of the same kind,
 //! given for every sample. An attack scoring at or below it has recovered nothing.
 
-use crate::attack::{Attack, Knowledge, Reconstruction};
+use crate::attack::{Attack, Knowledge, Reconstruction, Registration};
 use crate::case::AttackCase;
 use crate::error::{AttackError, Result};
-use crate::registry::Registration;
 
 /// `mean-image`.
 pub const MEAN_IMAGE: Registration = Registration {

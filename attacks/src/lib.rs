@@ -12,7 +12,7 @@
 //! - optimiser loops (`optimise`) and closed-form solvers (`april`, `labels`);
 //! - metrics (`metrics`) and scoring against the audit ground truth (`scoring`), which the
 //!   attacks themselves never see; per-attack statistics (`stats`) for every report;
-//! - what the adversary writes and the one reader of it (`recorder`).
+//! - the records (`record`), what the adversary writes and the one reader of it (`recorder`).
 
 pub mod adversary;
 pub mod april;
@@ -25,6 +25,7 @@ pub mod linalg;
 pub mod metrics;
 pub mod objective;
 pub mod optimise;
+pub mod record;
 pub mod recorder;
 pub mod registry;
 pub mod regulariser;

@@ -14,11 +14,10 @@ use mjp::jigsaw::{JigsawPlan, SamplePlan};
 use mjp::params::NamedTensors;
 use rand::Rng;
 
-use crate::attack::{Attack, Knowledge, Reconstruction};
+use crate::attack::{Attack, Knowledge, Reconstruction, Registration};
 use crate::case::AttackCase;
 use crate::error::Result;
 use crate::objective::{Matching, Objective, PE};
-use crate::registry::Registration;
 use crate::regulariser::total_variation;
 use crate::settings::AdversarySettings;
 use crate::victim::Victim;

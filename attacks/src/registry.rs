@@ -1,20 +1,10 @@
 //! The attacks the adversary can run, by name. Adding an attack is one file that implements
 //! [`crate::attack::Attack`] and exports a [`Registration`], plus one line in [`ATTACKS`].
 
-use crate::attack::Attack;
+use crate::attack::{Attack, Registration};
 use crate::error::{AttackError, Result};
 use crate::settings::AdversarySettings;
 use crate::{april, baseline, optimise};
-
-/// How to build one attack from the adversary's settings.
-pub struct Registration {
-    /// The name users type and outputs show.
-    pub name: &'static str,
-    /// One line for `--help` and the docs.
-    pub about: &'static str,
-    /// Builds the attack (the settings carry the optimisation knobs).
-    pub build: fn(&AdversarySettings) -> Box<dyn Attack>,
-}
 
 /// Every attack, in the order `--help` lists them.
 pub const ATTACKS: &[Registration] = &[

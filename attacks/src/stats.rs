@@ -2,7 +2,7 @@
 //! the per-round summaries the adversary appends, a run's report, a sweep's tables and
 //! `mjpfl attack`'s table.
 
-use crate::recorder::UpdateRecord;
+use crate::record::UpdateRecord;
 
 /// One attack's figures over a set of attacked updates.
 #[derive(Clone, Debug, PartialEq)]

@@ -6,12 +6,13 @@
 
 use std::collections::BTreeMap;
 
-use mjp::data::Split;
+use std::path::Path;
+
+use mjp::data::{DataSource, Split};
 use mjp::fl::{RoundConfig, UpdateKind};
 use mjp::params::NamedTensors;
+use mjp::partition::PartitionScheme;
 use serde::{Deserialize, Serialize};
-
-use crate::config::CoordinatorConfig;
 
 /// What happens to an update over a bound.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -101,20 +102,25 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// The rules of `config`; reads the training labels (not the images) to learn the partition
-    /// sizes it hands out.
-    pub fn new(config: &CoordinatorConfig) -> Self {
-        let partition_sizes = match config
-            .data
-            .dataset
-            .labels(Split::Train, &config.data.data_dir)
-            .and_then(|(labels, classes)| {
-                config.partition.split(
+    /// The rules of `section` for a federation that splits `dataset` (in `data_dir`) by
+    /// `partition` with run seed `seed`; reads the training labels (not the images) to learn the
+    /// partition sizes it hands out.
+    pub fn new(
+        section: &AdmissionSection,
+        dataset: &DataSource,
+        data_dir: &Path,
+        partition: &PartitionScheme,
+        seed: u64,
+    ) -> Self {
+        let partition_sizes = match dataset.labels(Split::Train, data_dir).and_then(
+            |(labels, classes)| {
+                partition.split(
                     &labels,
                     classes,
-                    mjp::Seed(config.federation.seed).child("federation-data", 0),
+                    mjp::Seed(seed).child("federation-data", 0),
                 )
-            }) {
+            },
+        ) {
             Ok(parts) => Some(parts.iter().map(|p| p.len() as u64).collect()),
             Err(e) => {
                 tracing::warn!(
@@ -124,7 +130,7 @@ impl Admission {
             }
         };
         Self {
-            section: config.admission.clone(),
+            section: section.clone(),
             partition_sizes,
         }
     }

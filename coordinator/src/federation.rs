@@ -229,7 +229,13 @@ impl Federation {
             Phase::Waiting
         };
         let (changed, _) = watch::channel(0);
-        let admission = Admission::new(&config);
+        let admission = Admission::new(
+            &config.admission,
+            &config.data.dataset,
+            &config.data.data_dir,
+            &config.partition,
+            config.federation.seed,
+        );
         Ok(Arc::new(Self {
             admission,
             served: Mutex::new(HashMap::new()),

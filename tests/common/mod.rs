@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use mjp::NamedTensors;
 use mjp::data::DataSource;
 use mjp::fl::UpdateKind;
+use mjpfl_client::ClientError;
+use mjpfl_client::protocol::{JoinParams, Protocol, Task};
 use mjpfl_coordinator::CoordinatorConfig;
 use mjpfl_proto::v1;
 use tonic::transport::Channel;
@@ -47,89 +49,78 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A hand-driven protocol client.
+/// The round and version a training task names (what a crafted upload must match).
+#[derive(Clone, Copy, Debug)]
+pub struct Assigned {
+    pub round: u32,
+    pub model_version: u64,
+}
+
+/// A hand-driven client: the typed protocol (`mjpfl_client::protocol`) for joining, polling and
+/// downloading, and the raw gRPC client of the same connection for uploads crafted by hand.
 pub struct RawClient {
     pub client: v1::federation_client::FederationClient<Channel>,
+    pub protocol: Protocol,
     pub token: String,
-    pub client_id: String,
-    pub manifest: Vec<v1::TensorSpec>,
 }
 
 impl RawClient {
-    pub async fn join(endpoint: &str, secret: &str) -> Result<Self, tonic::Status> {
-        let channel = mjpfl_client::protocol::connect(endpoint)
-            .await
-            .expect("coordinator reachable");
+    pub async fn join(endpoint: &str, secret: &str) -> Result<Self, ClientError> {
+        let channel = mjpfl_client::protocol::connect(endpoint).await?;
         Self::join_on(channel, secret).await
     }
 
     /// Joins over an existing connection (several clients can share one HTTP/2 connection).
-    pub async fn join_on(channel: Channel, secret: &str) -> Result<Self, tonic::Status> {
-        let mut client = mjpfl_client::protocol::federation_client(channel);
-        let r = client
-            .join(v1::JoinRequest {
-                client_name: "raw".into(),
-                capabilities: Some(v1::Capabilities {
-                    device: "test".into(),
-                    num_examples: 10,
-                    audit: false,
-                }),
-                join_secret: secret.into(),
+    pub async fn join_on(channel: Channel, secret: &str) -> Result<Self, ClientError> {
+        let mut protocol = Protocol::on(channel.clone());
+        let joined = protocol
+            .join(&JoinParams {
+                name: "raw".into(),
+                secret: secret.into(),
+                device: "test".into(),
+                num_examples: 10,
+                audit: false,
                 partition_hint: -1,
-                previous_session_token: String::new(),
+                previous_token: String::new(),
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(Self {
-            client,
-            token: r.session_token,
-            client_id: r.client_id,
-            manifest: r.manifest.unwrap().tensors,
+            client: mjpfl_client::protocol::federation_client(channel),
+            protocol,
+            token: joined.token,
         })
     }
 
     /// Polls until a training task arrives.
-    pub async fn train_task(&mut self) -> v1::TrainTask {
+    pub async fn train_task(&mut self) -> Assigned {
         loop {
-            let t = self
-                .client
-                .get_task(v1::GetTaskRequest {
-                    session_token: self.token.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            match t.kind {
-                Some(v1::task::Kind::Train(t)) => return t,
-                Some(v1::task::Kind::Wait(_)) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            match self.protocol.task(&self.token).await.unwrap() {
+                Task::Train {
+                    round,
+                    model_version,
+                    ..
+                } => {
+                    return Assigned {
+                        round,
+                        model_version,
+                    };
                 }
-                other => panic!("unexpected task {other:?}"),
+                Task::Wait(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                Task::Finished(why) => panic!("the federation finished: {why}"),
             }
         }
     }
 
     /// Downloads a model version as raw tensors.
-    pub async fn model(&mut self, version: u64) -> mjp::NamedTensors {
-        let s = self
-            .client
-            .download_model(v1::DownloadModelRequest {
-                session_token: self.token.clone(),
-                model_version: version,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        mjpfl_client::protocol::receive_model(s, version)
-            .await
-            .unwrap()
+    pub async fn model(&mut self, version: u64) -> NamedTensors {
+        self.protocol.download(&self.token, version).await.unwrap()
     }
 }
 
 /// Builds the SubmitUpdate messages of `tensors` with a header that may be tweaked.
 pub fn messages(
     token: &str,
-    task: &v1::TrainTask,
+    task: &Assigned,
     tensors: &NamedTensors,
     tweak: impl FnOnce(&mut v1::UpdateHeader, &mut Vec<v1::TensorChunk>),
 ) -> Vec<v1::UpdateMessage> {
