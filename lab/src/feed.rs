@@ -29,7 +29,7 @@ pub trait ModelSource {
     /// An update already on the tap, without waiting (what is drained after shutdown).
     fn try_next(&mut self) -> Option<Arc<ObservedUpdate>>;
     /// Global model version `version`.
-    fn model(&mut self, version: u64) -> impl Future<Output = Result<NamedTensors>> + Send;
+    fn model(&mut self, version: u64) -> impl Future<Output = Result<Arc<NamedTensors>>> + Send;
     /// Updates the tap dropped because the adversary fell behind.
     fn dropped(&self) -> u64;
 }
@@ -57,10 +57,9 @@ impl ModelSource for InProcess {
         self.sub.updates.try_recv().ok()
     }
 
-    async fn model(&mut self, version: u64) -> Result<NamedTensors> {
+    async fn model(&mut self, version: u64) -> Result<Arc<NamedTensors>> {
         self.federation
             .model(version)
-            .map(|m| (*m).clone())
             .map_err(|e| LabError::Message(format!("model version {version}: {e:?}")))
     }
 
@@ -133,8 +132,8 @@ impl ModelSource for Remote {
         self.first.take()
     }
 
-    async fn model(&mut self, version: u64) -> Result<NamedTensors> {
-        Ok(self.observer.model(version).await?.0)
+    async fn model(&mut self, version: u64) -> Result<Arc<NamedTensors>> {
+        Ok(Arc::new(self.observer.model(version).await?.0))
     }
 
     fn dropped(&self) -> u64 {
@@ -298,7 +297,6 @@ impl VersionCache {
         }
         match source.model(v).await {
             Ok(g) => {
-                let g = Arc::new(g);
                 self.models.retain(|k, _| *k + 2 > v);
                 self.models.insert(v, g.clone());
                 Some(g)
