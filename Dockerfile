@@ -17,7 +17,7 @@ RUN set -eux; \
       rm -rf /var/lib/apt/lists/*; \
     fi; \
     useradd --system --uid 10001 --home-dir /runs --shell /usr/sbin/nologin mjpfl; \
-    mkdir -p /runs /etc/mjpfl; chown mjpfl:mjpfl /runs
+    mkdir -p /runs /secrets /etc/mjpfl; chown mjpfl:mjpfl /runs /secrets
 ENV MJPFL_DATA=/data RUST_LOG=info
 WORKDIR /runs
 EXPOSE 50051

@@ -7,6 +7,10 @@
 #   4. `up` again: the coordinator resumes; waits for the final report and times it;
 #   5. checks every round ran exactly once, the report holds accuracy and attack results, all
 #      containers exited 0; then removes containers, network and volume.
+# Security along the way: the coordinator serves mutual TLS with per-client credentials made by
+# the `secrets` service; a plaintext client and a TLS client without a certificate are refused
+# while the run is live, the operator's certificate with the Status token is answered, and the
+# aggregated updates come from the pool's credential ids.
 # Prints the figures (seconds from `up` to the first round and to the report). Exit 0 = pass.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -63,6 +67,17 @@ while :; do
   if [[ -z "$first" && "$n" -ge 1 ]]; then
     first="$elapsed"
     log "first round finished ${first}s after up"
+    probe() { docker run --rm --network "${project}_default" -v "${project}_secrets:/secrets:ro" "$MJPFL_IMAGE" status "$@"; }
+    if probe --coordinator http://coordinator:50051 >/dev/null 2>&1; then fail "a plaintext Status was answered"; fi
+    if probe --coordinator https://coordinator:50051 --tls-ca /secrets/ca.pem >/dev/null 2>&1; then
+      fail "a TLS client without a certificate was answered"
+    fi
+    if probe --coordinator https://coordinator:50051 --tls-ca /secrets/ca.pem --tls-cert /secrets/operator/cert.pem \
+         --tls-key /secrets/operator/key.pem >/dev/null 2>&1; then fail "Status answered without its token"; fi
+    answer="$(probe --coordinator https://coordinator:50051 --tls-ca /secrets/ca.pem --tls-cert /secrets/operator/cert.pem \
+         --tls-key /secrets/operator/key.pem --status-token-file /secrets/status.token 2>&1)" \
+      || fail "the operator's Status over mutual TLS failed: $answer"
+    log "mutual TLS: plaintext, certificate-less and token-less Status refused; operator answered: $answer"
   fi
   [[ "$n" -ge 2 ]] && break
   sleep 1
@@ -100,6 +115,9 @@ report="$(on_volume report.md)"
 grep -q "accuracy" <<<"$report" || fail "report.md has no accuracy"
 grep -q "april" <<<"$report" || fail "report.md has no closed-form attack results"
 [[ -n "$(on_volume attacks/rounds.jsonl)" ]] || fail "attacks/rounds.jsonl is empty"
+ids="$(on_volume rounds.jsonl | grep -o '"client-[0-9]*"' | sort -u | tr '\n' ' ')"
+[[ -n "$ids" ]] || fail "no credential ids among the aggregated updates"
+log "aggregated updates came from the pool's credentials: $ids"
 final_acc="$(on_volume rounds.jsonl | tail -1 | sed -n 's/.*"test":{[^}]*"accuracy":\([0-9.]*\).*/\1/p')"
 log "PASS: $total rounds (resumed after down at round $before), final test accuracy ${final_acc:-?}"
 log "figures: first round ${first}s after up; report ${second}s after the resuming up"

@@ -85,16 +85,14 @@ impl AttackArgs {
 /// Arguments of `mjpfl adversary`.
 #[derive(Args, Debug)]
 pub struct AdversaryArgs {
-    /// Coordinator address.
-    #[arg(
-        long,
-        env = "MJPFL_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    coordinator: String,
+    #[command(flatten)]
+    connect: crate::common::ConnectArgs,
     /// The coordinator's observer token.
     #[arg(long, env = "MJPFL_OBSERVER_TOKEN", default_value = "observer")]
     observer_token: String,
+    /// Read the observer token from this file instead.
+    #[arg(long, env = "MJPFL_OBSERVER_TOKEN_FILE")]
+    observer_token_file: Option<PathBuf>,
     /// Run directory to write attacks/ into (and to read audit/ from, for scoring).
     #[arg(long, default_value = "runs/federation")]
     run_dir: PathBuf,
@@ -121,11 +119,14 @@ pub fn run(args: AdversaryArgs) -> Result<()> {
         return Ok(());
     };
     let run = RunLayout::new(&args.run_dir);
+    let target = args.connect.target(None)?;
+    let token = match &args.observer_token_file {
+        Some(p) => crate::common::read_secret(p)?,
+        None => args.observer_token.clone(),
+    };
     runtime()?.block_on(async {
         let reconnect = Duration::from_secs_f64(args.reconnect_for);
-        let Some((source, vit)) =
-            Remote::open(&args.coordinator, &args.observer_token, reconnect).await?
-        else {
+        let Some((source, vit)) = Remote::open(&target, &token, reconnect).await? else {
             println!("adversary: the coordinator closed the tap before any update");
             return Ok(());
         };

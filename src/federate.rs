@@ -16,6 +16,8 @@ use mjpfl_client::protocol::Protocol;
 use mjpfl_coordinator::{Coordinator, CoordinatorConfig, ShuffleSchedule};
 use mjpfl_lab::runtime::{ctrl_c_or_term, runtime, timestamp};
 use mjpfl_lab::{SimulationOptions, run_simulation};
+
+use crate::common::{ConnectArgs, read_secret};
 use tokio::sync::watch;
 
 /// Overrides of the coordinator configuration shared by `coordinator` and `simulate`.
@@ -186,19 +188,27 @@ pub struct CoordinatorArgs {
 /// Arguments of `mjpfl client`.
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Coordinator address.
-    #[arg(
-        long,
-        env = "MJPFL_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    coordinator: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Client name.
     #[arg(long, env = "MJPFL_CLIENT_NAME", default_value = "client")]
     name: String,
-    /// Join secret.
+    /// Join secret: the federation's shared secret, or this client's own credential
+    /// `<id>:<secret>` when the coordinator has per-client credentials.
     #[arg(long, env = "MJPFL_JOIN_SECRET", default_value = "mjpfl")]
     join_secret: String,
+    /// Read the credential (or shared secret) from this file instead.
+    #[arg(
+        long,
+        env = "MJPFL_CREDENTIAL_FILE",
+        conflicts_with = "credential_pool"
+    )]
+    credential_file: Option<PathBuf>,
+    /// Take the first free identity (credential, and certificate for mutual TLS) from this
+    /// directory, as `mjpfl secrets init` lays it out (`DIR/clients`); it stays taken while
+    /// this client runs.
+    #[arg(long, env = "MJPFL_CREDENTIAL_POOL")]
+    credential_pool: Option<PathBuf>,
     /// Data partition to ask for (-1: assigned).
     #[arg(long, env = "MJPFL_PARTITION", default_value_t = -1, allow_hyphen_values = true)]
     partition: i32,
@@ -241,19 +251,22 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
 /// Arguments of `mjpfl status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// Coordinator address.
-    #[arg(
-        long,
-        env = "MJPFL_COORDINATOR",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    coordinator: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The coordinator's status token, when it requires one (`[auth] status_token_file`).
+    #[arg(long, env = "MJPFL_STATUS_TOKEN_FILE")]
+    status_token_file: Option<PathBuf>,
 }
 
 /// `mjpfl status`: one Status call; exit status 0 when the coordinator answers (healthchecks).
 pub fn status(args: StatusArgs) -> Result<()> {
+    let token = match &args.status_token_file {
+        Some(p) => read_secret(p)?,
+        None => String::new(),
+    };
+    let target = args.connect.target(None)?;
     runtime()?.block_on(async move {
-        let s = Protocol::connect(&args.coordinator).await?.status().await?;
+        let s = Protocol::connect(target).await?.status_with(&token).await?;
         println!(
             "{}: round {}/{}, model version {}, {} clients connected{}",
             s.phase,
@@ -270,10 +283,29 @@ pub fn status(args: StatusArgs) -> Result<()> {
 
 /// `mjpfl client`: train for a coordinator until the federation finishes.
 pub fn client(args: ClientArgs) -> Result<()> {
+    // Held (with its lock) for the whole run.
+    let pooled = args
+        .credential_pool
+        .as_deref()
+        .map(mjpfl_lab::secrets::take_from_pool)
+        .transpose()?;
+    let join_secret = match (&pooled, &args.credential_file) {
+        (Some(identity), _) => identity.credential.clone(),
+        (None, Some(path)) => read_secret(path)?,
+        (None, None) => args.join_secret,
+    };
+    let target = args
+        .connect
+        .target(pooled.as_ref().and_then(|p| p.cert_and_key.as_ref()))?;
+    if let Some(p) = &pooled {
+        let id = p.credential.split(':').next().unwrap_or_default();
+        println!("client: using credential {id} from the pool");
+    }
     let config = ClientConfig {
-        endpoint: args.coordinator,
+        endpoint: target.endpoint,
+        tls: target.tls,
         name: args.name,
-        join_secret: args.join_secret,
+        join_secret,
         partition_hint: args.partition,
         data: args.data,
         data_dir: args.data_dir,

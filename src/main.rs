@@ -10,6 +10,7 @@ mod attack;
 mod bench;
 mod common;
 mod federate;
+mod secrets;
 mod sweep;
 mod train;
 
@@ -89,6 +90,9 @@ enum Command {
     /// Benchmarks (train-step speed against a PyTorch reference measured in the same run).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// A deployment's credentials and certificates (per-client credentials, TLS, tokens).
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
 }
 
 fn main() {
@@ -112,6 +116,7 @@ fn main() {
         Command::Sweep(args) => sweep::run(args),
         Command::Report(args) => sweep::report(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Secrets(cmd) => secrets::run(cmd),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -286,7 +286,7 @@ async fn bad_updates_are_refused_with_their_status_and_leave_the_model_bit_ident
     // Nothing was aggregated, no round committed, and the global model is bit-identical.
     let status = raw
         .client
-        .status(v1::StatusRequest {})
+        .status(v1::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -265,3 +265,111 @@ async fn idle_connections_are_capped_and_closed_and_clients_get_through() {
     assert_eq!(rundir::read_rounds(dir.path()).unwrap().len(), 1);
     drop(idle);
 }
+
+/// A raw HTTP/2 connection to the coordinator, speaking no gRPC library: what a peer without
+/// credentials can do to make the coordinator hold bytes.
+async fn raw_h2(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    send.ready().await.unwrap()
+}
+
+/// Begins a gRPC message of `announced` bytes on a new stream of `method` and sends `sent` of
+/// them, never finishing; returns the gRPC status the coordinator answers with.
+async fn unfinished(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    announced: u32,
+    sent: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("http://coordinator/mjpfl.v1.Federation/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    *send = send.clone().ready().await.unwrap();
+    let (response, mut stream) = send.send_request(request, false).unwrap();
+    let mut data = vec![0u8];
+    data.extend_from_slice(&announced.to_be_bytes());
+    data.resize(5 + sent, 0x42);
+    stream.send_data(bytes::Bytes::from(data), false).unwrap();
+    (response, stream)
+}
+
+/// The gRPC status of a response (trailers-only, as tonic answers a refusal).
+async fn grpc_status(response: h2::client::ResponseFuture) -> Option<Code> {
+    let response = tokio::time::timeout(std::time::Duration::from_secs(20), response)
+        .await
+        .ok()?
+        .ok()?;
+    let code = response.headers().get("grpc-status")?.to_str().ok()?;
+    Some(Code::from_i32(code.parse().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_begun_and_never_finished_are_bounded_in_size_time_and_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(1, 1);
+    config.server.message_timeout_secs = 1.5;
+    config.server.max_pending_message_bytes = 2 * mjpfl_proto::MAX_MESSAGE_BYTES;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let addr = coordinator.addr;
+    let mut h2 = raw_h2(addr).await;
+
+    // A Join announcing a megabyte is refused before any of it is kept.
+    let (r, _s) = unfinished(&mut h2, "Join", 1 << 20, 1000).await;
+    assert_eq!(grpc_status(r).await, Some(Code::ResourceExhausted));
+    // So is an upload header of 2 MiB.
+    let (r, _s) = unfinished(&mut h2, "SubmitUpdate", 2 << 20, 1000).await;
+    assert_eq!(grpc_status(r).await, Some(Code::ResourceExhausted));
+
+    // A trickled Join is cut off at the message timeout.
+    let started = std::time::Instant::now();
+    let (r, _s) = unfinished(&mut h2, "Join", 1000, 10).await;
+    assert_eq!(grpc_status(r).await, Some(Code::DeadlineExceeded));
+    let waited = started.elapsed().as_secs_f64();
+    assert!((1.0..6.0).contains(&waited), "cut off after {waited:.1} s");
+
+    // Upload headers of 200 KiB, never finished, on many streams over several connections:
+    // the total held is bounded, so some are refused at once, and the rest are cut off.
+    let mut pending = Vec::new();
+    for _ in 0..4 {
+        let mut c = raw_h2(addr).await;
+        for _ in 0..6 {
+            pending.push(unfinished(&mut c, "SubmitUpdate", 240 << 10, 200 << 10).await);
+        }
+    }
+    let mut codes = Vec::new();
+    for (r, _s) in pending {
+        codes.push(grpc_status(r).await);
+    }
+    let refused = codes
+        .iter()
+        .filter(|c| **c == Some(Code::ResourceExhausted))
+        .count();
+    let cut = codes
+        .iter()
+        .filter(|c| **c == Some(Code::DeadlineExceeded))
+        .count();
+    assert_eq!(refused + cut, 24, "{codes:?}");
+    assert!(
+        refused >= 12,
+        "24 x 200 KiB within a 2.2 MB budget: {codes:?}"
+    );
+    assert!(cut >= 1, "{codes:?}");
+
+    // An honest client is served as before, and the round commits.
+    let mut raw = RawClient::join(&format!("http://{addr}"), "mjpfl")
+        .await
+        .unwrap();
+    let task = raw.train_task().await;
+    let zero = filled(&raw.model(0).await, 0.0);
+    submit(&mut raw, &task, &zero, 8, &[]).await.unwrap();
+    coordinator.run_to_completion().await.unwrap();
+    assert_eq!(rundir::read_rounds(dir.path()).unwrap().len(), 1);
+}

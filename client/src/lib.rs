@@ -13,6 +13,7 @@ pub mod error;
 pub mod observer;
 pub mod protocol;
 pub mod runner;
+pub mod transport;
 
 pub use error::{ClientError, Result};
 pub use runner::{ClientConfig, ClientSummary, run};

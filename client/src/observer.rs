@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::error::{ClientError, Result};
-use crate::protocol::{connect, observer_client, receive_model_with_config};
+use crate::protocol::{Target, connect, observer_client, receive_model_with_config};
 
 /// A connection to a coordinator's Observer endpoint.
 #[derive(Clone)]
@@ -20,9 +20,9 @@ pub struct Observer {
 
 impl Observer {
     /// Connects with the observer token.
-    pub async fn connect(endpoint: &str, token: &str) -> Result<Self> {
+    pub async fn connect(target: impl Into<Target>, token: &str) -> Result<Self> {
         Ok(Self {
-            client: observer_client(connect(endpoint).await?),
+            client: observer_client(connect(target).await?),
             token: token.to_string(),
         })
     }

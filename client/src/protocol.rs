@@ -12,29 +12,11 @@ use mjp::params::{Manifest, NamedTensors};
 use mjp::partition::PartitionScheme;
 use mjpfl_proto::convert::{self, Assembler};
 use mjpfl_proto::v1;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::error::{ClientError, Result};
 
-/// Opens a channel to `endpoint` (`http://host:port`, or `host:port`).
-pub async fn connect(endpoint: &str) -> Result<Channel> {
-    let uri = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let unreachable = |reason: String| ClientError::Unreachable {
-        endpoint: uri.clone(),
-        reason,
-    };
-    Endpoint::from_shared(uri.clone())
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| unreachable(format!("{e}: is the coordinator running?")))
-}
+pub use crate::transport::{ClientTls, Target, connect};
 
 /// A Federation client with the protocol's message-size limits.
 pub fn federation_client(channel: Channel) -> v1::federation_client::FederationClient<Channel> {
@@ -230,9 +212,10 @@ pub struct Protocol {
 }
 
 impl Protocol {
-    /// Connects to `endpoint` (`http://host:port`, or `host:port`).
-    pub async fn connect(endpoint: &str) -> Result<Self> {
-        Ok(Self::on(connect(endpoint).await?))
+    /// Connects to a coordinator (`"http://host:port"`, `"host:port"`, or a [`Target`] with
+    /// TLS).
+    pub async fn connect(target: impl Into<Target>) -> Result<Self> {
+        Ok(Self::on(connect(target).await?))
     }
 
     /// Speaks the protocol over an open channel (several clients may share one connection).
@@ -310,11 +293,18 @@ impl Protocol {
         })
     }
 
-    /// Where the federation stands.
+    /// Where the federation stands (a coordinator without a status token).
     pub async fn status(&mut self) -> Result<FederationStatus> {
+        self.status_with("").await
+    }
+
+    /// Where the federation stands, presenting the coordinator's status token.
+    pub async fn status_with(&mut self, status_token: &str) -> Result<FederationStatus> {
         let s = self
             .client
-            .status(v1::StatusRequest {})
+            .status(v1::StatusRequest {
+                status_token: status_token.to_string(),
+            })
             .await
             .map_err(|s| ClientError::refused("Status", s))?
             .into_inner();

@@ -15,13 +15,15 @@ use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 
 use crate::error::{ClientError, Result};
-use crate::protocol::{JoinParams, Joined, PartitionInfo, Protocol, Task};
+use crate::protocol::{ClientTls, JoinParams, Joined, PartitionInfo, Protocol, Target, Task};
 
 /// How a client runs.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// Coordinator address, e.g. `http://127.0.0.1:50051`.
     pub endpoint: String,
+    /// TLS to the coordinator (`None`: plaintext).
+    pub tls: Option<ClientTls>,
     /// Name shown in logs.
     pub name: String,
     /// The federation's join secret.
@@ -47,6 +49,7 @@ impl ClientConfig {
     pub fn new(endpoint: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
+            tls: None,
             name: name.into(),
             join_secret: "mjpfl".into(),
             partition_hint: -1,
@@ -249,7 +252,8 @@ impl Backoff {
 }
 
 async fn join(config: &ClientConfig, local: &mut Local, previous_token: &str) -> Result<Session> {
-    let mut protocol = Protocol::connect(&config.endpoint).await?;
+    let mut protocol =
+        Protocol::connect(Target::new(config.endpoint.clone(), config.tls.clone())).await?;
     let joined = protocol
         .join(&JoinParams {
             name: config.name.clone(),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admission::AdmissionSection;
 use crate::aggregate::{AggregatorKind, ServerOptimizer};
+use crate::auth::{AuthSection, DEFAULT_JOIN_SECRET, DEFAULT_OBSERVER_TOKEN};
 use crate::error::{CoordinatorError, Result};
 use crate::schedule::ShuffleSchedule;
 
@@ -36,6 +37,8 @@ pub struct CoordinatorConfig {
     pub server: ServerSection,
     /// What one update may weigh and move.
     pub admission: AdmissionSection,
+    /// Per-client credentials and the observer's and Status's tokens.
+    pub auth: AuthSection,
 }
 
 /// `[federation]`.
@@ -58,9 +61,10 @@ pub struct FederationSection {
     pub max_round_retries: u32,
     /// Run seed.
     pub seed: u64,
-    /// Shared secret clients present to join.
+    /// Shared secret clients present to join (in the clear or `sha256:<hex>`); unused when
+    /// `[auth] clients_file` gives each client its own credential.
     pub join_secret: String,
-    /// Token of the observer (adversary) endpoint.
+    /// Token of the observer (adversary) endpoint (in the clear or `sha256:<hex>`).
     pub observer_token: String,
     /// A client that has not called for this long is not sampled.
     pub client_timeout_secs: f64,
@@ -77,8 +81,8 @@ impl Default for FederationSection {
             round_deadline_secs: 300.0,
             max_round_retries: 3,
             seed: 0,
-            join_secret: "mjpfl".into(),
-            observer_token: "observer".into(),
+            join_secret: DEFAULT_JOIN_SECRET.into(),
+            observer_token: DEFAULT_OBSERVER_TOKEN.into(),
             client_timeout_secs: 60.0,
         }
     }
@@ -276,6 +280,16 @@ pub struct ServerSection {
     /// resolved configuration of a default run reads as it did before the key existed.
     #[serde(skip_serializing_if = "is_flex")]
     pub device: DeviceSpec,
+    /// TLS (and optionally mutual TLS) on the gRPC server; unset: plaintext, for loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::TlsSection>,
+    /// Bytes of gRPC messages begun but not yet complete, over all requests at once; a request
+    /// whose message would go beyond is refused with RESOURCE_EXHAUSTED. Bounds what peers
+    /// without credentials can make the coordinator hold by never finishing a message.
+    pub max_pending_message_bytes: usize,
+    /// A gRPC message begun must be complete within this many seconds (trickled messages are
+    /// cut off).
+    pub message_timeout_secs: f64,
 }
 
 fn is_flex(device: &DeviceSpec) -> bool {
@@ -293,6 +307,9 @@ impl Default for ServerSection {
             max_connections: 512,
             connection_idle_timeout_secs: 60.0,
             device: DeviceSpec::Flex,
+            tls: None,
+            max_pending_message_bytes: 64 << 20,
+            message_timeout_secs: 30.0,
         }
     }
 }
@@ -369,10 +386,20 @@ impl CoordinatorConfig {
                 "connection_idle_timeout_secs",
                 self.server.connection_idle_timeout_secs,
             ),
+            ("message_timeout_secs", self.server.message_timeout_secs),
         ] {
             if !(v > 0.0 && v.is_finite()) {
                 return bad(format!("server.{name} must be > 0"));
             }
+        }
+        if self.server.max_pending_message_bytes < 2 * mjpfl_proto::MAX_MESSAGE_BYTES {
+            return bad(format!(
+                "server.max_pending_message_bytes must be >= {} (two whole messages)",
+                2 * mjpfl_proto::MAX_MESSAGE_BYTES
+            ));
+        }
+        if self.auth.max_sessions == 0 {
+            return bad("auth.max_sessions must be >= 1".into());
         }
         if self.server.max_connections == 0 {
             return bad("server.max_connections must be >= 1".into());

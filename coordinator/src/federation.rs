@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::admission::Admission;
 use crate::aggregate::{Aggregator, ServerState};
+use crate::auth::Auth;
 use crate::config::CoordinatorConfig;
 use crate::error::{CoordinatorError, Result};
 use crate::rundir::{RoundRecord, RunDir};
@@ -145,6 +146,7 @@ pub struct Federation {
     upload_permits: Arc<Semaphore>,
     test_data: Option<Dataset>,
     admission: Admission,
+    auth: Auth,
     /// Older versions being served, shared by every download of the same version (200
     /// abandoned downloads of one old version held 200 copies of it).
     served: Mutex<HashMap<u64, Weak<NamedTensors>>>,
@@ -160,6 +162,11 @@ impl Federation {
     /// from a fresh (or given) initial model.
     pub fn open(config: CoordinatorConfig, run_dir: &std::path::Path) -> Result<Arc<Self>> {
         config.validate()?;
+        let auth = Auth::load(
+            &config.federation.join_secret,
+            &config.federation.observer_token,
+            &config.auth,
+        )?;
         let vit = config.model.vit()?;
         let run_dir = RunDir::open(run_dir)?;
         let device = config.server.device.device()?;
@@ -238,6 +245,7 @@ impl Federation {
         );
         Ok(Arc::new(Self {
             admission,
+            auth,
             served: Mutex::new(HashMap::new()),
             upload_permits: Arc::new(Semaphore::new(config.server.max_concurrent_uploads.max(1))),
             tap: Tap::new(config.server.tap_queue),
@@ -292,6 +300,11 @@ impl Federation {
     /// Tensor names and shapes of the model.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Who may join, observe and see the status.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
     }
 
     /// The run directory.

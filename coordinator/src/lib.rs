@@ -10,6 +10,9 @@
 //! - `config`: the TOML configuration (every section, defaults, validation);
 //! - `schedule`: the MJP shuffle-ratio schedule;
 //! - `admission`: what one update may weigh and move (weights, norm bound, metrics);
+//! - `auth`: the shared secret, per-client credentials, the observer's and Status's tokens;
+//! - `tls`: TLS and mutual TLS of the gRPC server;
+//! - `wire_limits`: bounds on gRPC messages begun but never finished (size, time, memory);
 //! - `aggregate`: aggregation strategies and the server optimiser;
 //! - `rundir`: the run directory's files;
 //! - `tap`: the interception tap observers read;
@@ -22,6 +25,7 @@
 
 pub mod admission;
 pub mod aggregate;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod federation;
@@ -31,6 +35,8 @@ pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod tap;
+pub mod tls;
+pub mod wire_limits;
 
 pub use config::CoordinatorConfig;
 pub use error::{CoordinatorError, Result};

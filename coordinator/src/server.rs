@@ -17,6 +17,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::federation::Federation;
 use crate::listener::{self, Limits};
 use crate::service::{FederationService, ObserverService};
+use crate::wire_limits::{Budget, WireLimits};
 
 /// HTTP/2 flow control. Each stream may hold this many unread bytes (one wire chunk).
 const STREAM_WINDOW: u32 = 1 << 20;
@@ -59,6 +60,34 @@ impl Coordinator {
         let addr = listener
             .local_addr()
             .map_err(|e| CoordinatorError::io(run_dir, e))?;
+        let server_config = &federation.config().server;
+        if !addr.ip().is_loopback() {
+            // Beyond loopback anyone who has read the README knows the built-in secrets.
+            let built_in = federation.auth().built_in_secrets();
+            if !built_in.is_empty() {
+                return Err(CoordinatorError::Config(format!(
+                    "refusing to serve {addr} with the built-in {}: make per-client credentials \
+                     and tokens with `mjpfl secrets init --dir DIR` (or set your own secrets)",
+                    built_in.join(" and ")
+                )));
+            }
+            if server_config.tls.is_none() {
+                tracing::warn!(
+                    "serving {addr} without TLS: credentials and updates cross the network in \
+                     the clear (set [server.tls]; `mjpfl secrets init` makes certificates)"
+                );
+            }
+        }
+        let tls = server_config
+            .tls
+            .as_ref()
+            .map(|t| t.server_config())
+            .transpose()?;
+        let wire_limits = WireLimits::new(
+            Budget::new(server_config.max_pending_message_bytes),
+            Duration::from_secs_f64(server_config.message_timeout_secs),
+            mjpfl_proto::MAX_MESSAGE_BYTES,
+        );
         let (shutdown, rx) = watch::channel(false);
         let limit = mjpfl_proto::MAX_MESSAGE_BYTES;
         let fed_service = FederationServer::new(FederationService::new(federation.clone()))
@@ -72,8 +101,15 @@ impl Coordinator {
             max_connections: federation.config().server.max_connections,
             idle: Duration::from_secs_f64(federation.config().server.connection_idle_timeout_secs),
         };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| CoordinatorError::Config(format!("server.tls: {e}")))?;
+        }
         let server = tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
+                .layer(wire_limits)
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
@@ -90,7 +126,12 @@ impl Coordinator {
         });
         let driver = tokio::spawn(federation.clone().drive(rx));
         tracing::info!(
-            "coordinator listening on {addr}, run directory {}",
+            "coordinator listening on {addr}{}, run directory {}",
+            match &federation.config().server.tls {
+                Some(t) if t.mutual() => " (mutual TLS)",
+                Some(_) => " (TLS)",
+                None => "",
+            },
             run_dir.display()
         );
         Ok(Self {

@@ -103,6 +103,7 @@ async fn next_chunk(
             "only chunks may follow the header",
         )),
         Ok(None) => Ok(None),
+        Err(e) if e.code() == tonic::Code::DeadlineExceeded => Err(e),
         Err(e)
             if matches!(
                 e.code(),
@@ -294,8 +295,15 @@ impl v1::federation_server::Federation for FederationService {
 
     async fn status(
         &self,
-        _: Request<v1::StatusRequest>,
+        request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        if !self
+            .fed
+            .auth()
+            .may_see_status(&request.get_ref().status_token)
+        {
+            return Err(Status::unauthenticated("wrong status token"));
+        }
         let s = self.fed.status();
         Ok(Response::new(v1::StatusResponse {
             round: s.round,
@@ -332,7 +340,7 @@ impl ObserverService {
     }
 
     fn check(&self, token: &str) -> Result<(), Status> {
-        if token == self.fed.config().federation.observer_token {
+        if self.fed.auth().is_observer(token) {
             Ok(())
         } else {
             Err(Status::unauthenticated("wrong observer token"))

@@ -17,6 +17,7 @@ use mjp::fl::ObservedUpdate;
 use mjp::params::NamedTensors;
 use mjpfl_attacks::adversary::{Adversary, AdversaryConfig, Sampler};
 use mjpfl_client::observer::Observer;
+use mjpfl_client::transport::Target;
 use mjpfl_coordinator::Federation;
 use mjpfl_coordinator::tap::Subscription;
 
@@ -81,13 +82,13 @@ impl Remote {
     /// waits for the first update, whose global model announces the architecture. `None` when
     /// the coordinator closed the tap before any update.
     pub async fn open(
-        endpoint: &str,
+        target: &Target,
         token: &str,
         reconnect_for: Duration,
     ) -> Result<Option<(Self, VitConfig)>> {
         let started = Instant::now();
         let mut observer = loop {
-            match Observer::connect(endpoint, token).await {
+            match Observer::connect(target, token).await {
                 Ok(o) => break o,
                 Err(e) if started.elapsed() < reconnect_for => {
                     tracing::debug!("adversary: {e}; retrying");

@@ -26,6 +26,7 @@ pub mod offline;
 pub mod plots;
 pub mod report;
 pub mod runtime;
+pub mod secrets;
 pub mod simulate;
 pub mod stats;
 pub mod sweep;

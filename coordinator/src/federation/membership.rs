@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::{Federation, Refusal, State};
+use crate::auth::Member;
 
 /// A joined client.
 #[derive(Clone, Debug)]
@@ -68,37 +69,68 @@ impl Federation {
         partition_hint: i32,
         previous_token: &str,
     ) -> Result<Joined, Refusal> {
-        if secret != self.config.federation.join_secret {
-            return Err(Refusal::Unauthenticated("wrong join secret".into()));
-        }
+        let Some(member) = self.auth.member(secret) else {
+            return Err(Refusal::Unauthenticated(
+                if self.config.auth.clients_file.is_some() {
+                    "unknown client or wrong credential (per-client credentials: <id>:<secret>)"
+                } else {
+                    "wrong join secret"
+                }
+                .into(),
+            ));
+        };
         let name = display_name(name);
         let name = name.as_str();
         let count = self.config.partition.count();
         let mut s = self.lock();
         if let Some(old) = s.tokens.remove(previous_token) {
-            s.clients.remove(&old);
-            if let Some(r) = s.round.as_mut()
-                && !r.submitted.contains(&old)
-            {
-                r.sampled.remove(&old);
-            }
+            s.retire(&old);
             tracing::info!("{old} re-joined: its previous session is retired");
         }
+        if let Member::Credential { id, .. } = &member
+            && s.clients.contains_key(id)
+        {
+            // One credential, one client: a second join replaces the first session (sybils
+            // cannot multiply a credential into many sampled clients). The client stays what
+            // it was in the open round (a restarted client picks up its task).
+            s.tokens.retain(|_, v| v != id);
+            tracing::info!("{id} joined again: its previous session is retired");
+        }
+        if s.tokens.len() >= self.config.auth.max_sessions {
+            return Err(Refusal::ResourceExhausted(format!(
+                "the coordinator holds its maximum of {} sessions",
+                self.config.auth.max_sessions
+            )));
+        }
         let taken: BTreeSet<u32> = s.clients.values().map(|c| c.partition).collect();
-        let partition = if partition_hint >= 0 && (partition_hint as u32) < count {
+        let assigned = match &member {
+            Member::Credential {
+                partition: Some(p), ..
+            } => Some(*p % count),
+            _ => None,
+        };
+        let partition = if let Some(p) = assigned {
+            p
+        } else if partition_hint >= 0 && (partition_hint as u32) < count {
             partition_hint as u32
         } else {
             (0..count)
                 .find(|p| !taken.contains(p))
                 .unwrap_or((s.next_client % u64::from(count)) as u32)
         };
-        // Ids follow the data partition, so the same client keeps its name across coordinator
-        // restarts and sweep cells (a second client on the same partition gets a suffix).
-        let base = format!("client-{partition:03}");
-        let id = if s.clients.contains_key(&base) {
-            format!("{base}-{}", s.next_client)
-        } else {
-            base
+        let id = match member {
+            Member::Credential { id, .. } => id,
+            Member::Anonymous => {
+                // Ids follow the data partition, so the same client keeps its name across
+                // coordinator restarts and sweep cells (a second client on the same partition
+                // gets a suffix).
+                let base = format!("client-{partition:03}");
+                if s.clients.contains_key(&base) {
+                    format!("{base}-{}", s.next_client)
+                } else {
+                    base
+                }
+            }
         };
         s.next_client += 1;
         let token = new_token();
@@ -144,6 +176,19 @@ impl Federation {
             .values()
             .filter(|c| c.last_seen.elapsed() < timeout)
             .count() as u32
+    }
+}
+
+impl State {
+    /// Forgets client `id`; in an open round it is no longer waited for unless it already
+    /// submitted.
+    fn retire(&mut self, id: &str) {
+        self.clients.remove(id);
+        if let Some(r) = self.round.as_mut()
+            && !r.submitted.contains(id)
+        {
+            r.sampled.remove(id);
+        }
     }
 }
 
