@@ -313,6 +313,7 @@ pub fn client(args: ClientArgs) -> Result<()> {
         audit_dir: args.audit_dir,
         reconnect_for: Duration::from_secs_f64(args.reconnect_for),
         training_permits: None,
+        shared: None,
     };
     runtime()?.block_on(async move {
         let (tx, rx) = watch::channel(false);

@@ -13,6 +13,7 @@ pub mod error;
 pub mod observer;
 pub mod protocol;
 pub mod runner;
+pub mod shared;
 pub mod transport;
 
 pub use error::{ClientError, Result};

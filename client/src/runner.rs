@@ -7,15 +7,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mjp::data::{DataSource, Dataset, Split};
+use mjp::data::{DataSource, Dataset};
 use mjp::fl::{AuditRecord, RoundConfig, local_update};
 use mjp::layout::AuditLayout;
-use mjp::{DeviceSpec, Seed, Vit, VitConfig};
+use mjp::{DeviceSpec, Vit, VitConfig};
 use tokio::sync::{Semaphore, watch};
 use tonic::Code;
 
 use crate::error::{ClientError, Result};
 use crate::protocol::{ClientTls, JoinParams, Joined, PartitionInfo, Protocol, Target, Task};
+use crate::shared::SharedClients;
 
 /// How a client runs.
 #[derive(Clone, Debug)]
@@ -42,6 +43,8 @@ pub struct ClientConfig {
     pub reconnect_for: Duration,
     /// Limits concurrent local training across in-process clients (simulate).
     pub training_permits: Option<Arc<Semaphore>>,
+    /// Data and connections shared with the other clients of this process (simulate).
+    pub shared: Option<Arc<SharedClients>>,
 }
 
 impl ClientConfig {
@@ -59,6 +62,7 @@ impl ClientConfig {
             audit_dir: None,
             reconnect_for: Duration::from_secs(120),
             training_permits: None,
+            shared: None,
         }
     }
 }
@@ -105,6 +109,8 @@ pub async fn run(
     // Token of the last session, sent on re-join so the coordinator retires it.
     let mut previous_token = String::new();
     let mut backoff = Backoff::new(config.reconnect_for);
+    // This client's slot among the shared connections, kept across re-joins.
+    let mut channel = None;
     loop {
         if *shutdown.borrow() {
             summary.finished = "shutdown".into();
@@ -112,7 +118,7 @@ pub async fn run(
         }
         let s = match session.as_mut() {
             Some(s) => s,
-            None => match join(&config, &mut local, &previous_token).await {
+            None => match join(&config, &mut local, &previous_token, &mut channel).await {
                 Ok(s) => {
                     summary.joins += 1;
                     summary.client_id = s.joined.client_id.clone();
@@ -251,9 +257,22 @@ impl Backoff {
     }
 }
 
-async fn join(config: &ClientConfig, local: &mut Local, previous_token: &str) -> Result<Session> {
-    let mut protocol =
-        Protocol::connect(Target::new(config.endpoint.clone(), config.tls.clone())).await?;
+async fn join(
+    config: &ClientConfig,
+    local: &mut Local,
+    previous_token: &str,
+    channel: &mut Option<tonic::transport::Channel>,
+) -> Result<Session> {
+    let target = Target::new(config.endpoint.clone(), config.tls.clone());
+    if channel.is_none()
+        && let Some(shared) = &config.shared
+    {
+        *channel = shared.channel(&target)?;
+    }
+    let mut protocol = match channel {
+        Some(c) => Protocol::on(c.clone()),
+        None => Protocol::connect(target).await?,
+    };
     let joined = protocol
         .join(&JoinParams {
             name: config.name.clone(),
@@ -304,22 +323,18 @@ async fn load_partition(
         partition.index as usize,
         vit.clone(),
     );
-    tokio::task::spawn_blocking(move || -> Result<Dataset> {
-        let train = source
-            .load(Split::Train, &data_dir)?
-            .conform(vit.channels, vit.image_size)?;
-        let parts = scheme.split(
-            &train.labels,
-            train.num_classes,
-            Seed(seed).child("federation-data", 0),
-        )?;
-        let mine = parts.get(index).ok_or_else(|| {
-            ClientError::Protocol(format!("partition {index} of {}", parts.len()))
-        })?;
-        Ok(train.subset(mine))
-    })
-    .await
-    .map_err(|e| ClientError::task("data loading", e))?
+    // A client on its own decodes the split for itself (and lets it go once it has its part).
+    let own;
+    let shared = match &config.shared {
+        Some(s) => s,
+        None => {
+            own = SharedClients::new(0);
+            &own
+        }
+    };
+    shared
+        .partition(&source, &data_dir, &vit, &scheme, seed, index)
+        .await
 }
 
 async fn train_and_submit(
@@ -378,6 +393,8 @@ async fn train_and_submit(
         reply.round,
         reply.received
     );
+    // The next task trains a newer version: a client between rounds holds no model.
+    local.model = None;
     Ok(())
 }
 

@@ -104,6 +104,33 @@ impl From<&Target> for Target {
     }
 }
 
+/// The endpoint of a target, configured as every connection of ours is.
+fn endpoint(target: &Target) -> Result<Endpoint> {
+    let uri = target.uri();
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| ClientError::Unreachable {
+            endpoint: uri.clone(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    if let Some(tls) = &target.tls {
+        endpoint = endpoint
+            .tls_config(tls.config())
+            .map_err(|e| ClientError::Unreachable {
+                endpoint: uri,
+                reason: format!("TLS configuration: {e}"),
+            })?;
+    }
+    Ok(endpoint)
+}
+
+/// A channel that connects on first use (and reconnects after failures by itself): what
+/// in-process clients share.
+pub fn lazy_channel(target: &Target) -> Result<Channel> {
+    Ok(endpoint(target)?.connect_lazy())
+}
+
 /// Opens a channel to the coordinator.
 pub async fn connect(target: impl Into<Target>) -> Result<Channel> {
     let target = target.into();
@@ -112,15 +139,7 @@ pub async fn connect(target: impl Into<Target>) -> Result<Channel> {
         endpoint: uri.clone(),
         reason,
     };
-    let mut endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|e| unreachable(e.to_string()))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    if let Some(tls) = &target.tls {
-        endpoint = endpoint
-            .tls_config(tls.config())
-            .map_err(|e| unreachable(format!("TLS configuration: {e}")))?;
-    }
+    let endpoint = endpoint(&target)?;
     endpoint.connect().await.map_err(|e| {
         let mut reason = e.to_string();
         let mut source = std::error::Error::source(&e);

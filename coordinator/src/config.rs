@@ -17,6 +17,9 @@ use crate::auth::{AuthSection, DEFAULT_JOIN_SECRET, DEFAULT_OBSERVER_TOKEN};
 use crate::error::{CoordinatorError, Result};
 use crate::schedule::ShuffleSchedule;
 
+/// The longest duration a configuration may give, seconds (about 31 years).
+const MAX_SECS: f64 = 1e9;
+
 /// Complete coordinator configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -275,6 +278,9 @@ pub struct ServerSection {
     /// A connection that sends nothing (not even a keep-alive ping's answer) for this long is
     /// closed.
     pub connection_idle_timeout_secs: f64,
+    /// A new connection that sends no byte for this long is closed (honest clients speak at
+    /// once; this frees the slots of sockets opened only to hold them).
+    pub first_byte_timeout_secs: f64,
     /// Where the coordinator builds the initial model and evaluates the global one (`flex`,
     /// `tch-cpu`, `tch-cuda:N`). Written to `config.toml` only when it is not `flex`, so the
     /// resolved configuration of a default run reads as it did before the key existed.
@@ -306,10 +312,11 @@ impl Default for ServerSection {
             upload_idle_timeout_secs: 30.0,
             max_connections: 512,
             connection_idle_timeout_secs: 60.0,
+            first_byte_timeout_secs: 5.0,
             device: DeviceSpec::Flex,
             tls: None,
             max_pending_message_bytes: 64 << 20,
-            message_timeout_secs: 30.0,
+            message_timeout_secs: 15.0,
         }
     }
 }
@@ -360,9 +367,6 @@ impl CoordinatorConfig {
         if !(0.0..=1.0).contains(&f.sample_fraction) {
             return bad("sample_fraction must be in [0, 1]".into());
         }
-        if !f.round_deadline_secs.is_finite() || f.round_deadline_secs <= 0.0 {
-            return bad("round_deadline_secs must be positive".into());
-        }
         if t.batch_size == 0 || !t.learning_rate.is_finite() || t.learning_rate <= 0.0 {
             return bad("training.batch_size and training.learning_rate must be positive".into());
         }
@@ -377,19 +381,95 @@ impl CoordinatorConfig {
         {
             return bad("trimmed-mean fraction must be in [0, 0.5)".into());
         }
+        // Durations become `Duration`s: positive, finite and at most ~31 years (anything
+        // beyond 1.8e19 s would panic in the conversion).
         for (name, v) in [
+            ("federation.round_deadline_secs", f.round_deadline_secs),
+            ("federation.client_timeout_secs", f.client_timeout_secs),
             (
-                "upload_idle_timeout_secs",
+                "server.upload_idle_timeout_secs",
                 self.server.upload_idle_timeout_secs,
             ),
             (
-                "connection_idle_timeout_secs",
+                "server.connection_idle_timeout_secs",
                 self.server.connection_idle_timeout_secs,
             ),
-            ("message_timeout_secs", self.server.message_timeout_secs),
-        ] {
-            if !(v > 0.0 && v.is_finite()) {
-                return bad(format!("server.{name} must be > 0"));
+            (
+                "server.message_timeout_secs",
+                self.server.message_timeout_secs,
+            ),
+            (
+                "server.first_byte_timeout_secs",
+                self.server.first_byte_timeout_secs,
+            ),
+        ]
+        .into_iter()
+        .chain(self.server.tls.as_ref().map(|t| {
+            (
+                "server.tls.handshake_timeout_secs",
+                t.handshake_timeout_secs,
+            )
+        })) {
+            if !(v > 0.0 && v <= MAX_SECS) {
+                return bad(format!(
+                    "{name} must be in (0, {MAX_SECS:e}] seconds, not {v}"
+                ));
+            }
+        }
+        // Every other float: finite (NaN would pass range checks and break the round trip).
+        let mut floats = vec![
+            ("training.dal_lambda", t.dal_lambda, 0.0, f64::MAX),
+            ("training.fedprox_mu", t.fedprox_mu, 0.0, f64::MAX),
+        ];
+        match t.local_optimizer {
+            OptimizerKind::AdamW { weight_decay } => floats.push((
+                "training.local_optimizer.weight_decay",
+                weight_decay,
+                0.0,
+                f64::MAX,
+            )),
+            OptimizerKind::Sgd { momentum } => floats.push((
+                "training.local_optimizer.momentum",
+                momentum,
+                0.0,
+                0.999_999,
+            )),
+        }
+        match t.server_optimizer {
+            Some(ServerOptimizer::Sgd { lr }) => floats.push((
+                "training.server_optimizer.lr",
+                lr,
+                f64::MIN_POSITIVE,
+                f64::MAX,
+            )),
+            Some(ServerOptimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            }) => floats.extend([
+                (
+                    "training.server_optimizer.lr",
+                    lr,
+                    f64::MIN_POSITIVE,
+                    f64::MAX,
+                ),
+                ("training.server_optimizer.beta1", beta1, 0.0, 0.999_999),
+                ("training.server_optimizer.beta2", beta2, 0.0, 0.999_999_999),
+                (
+                    "training.server_optimizer.eps",
+                    eps,
+                    f64::MIN_POSITIVE,
+                    f64::MAX,
+                ),
+            ]),
+            None => {}
+        }
+        for (name, v, lo, hi) in floats {
+            if !(v.is_finite() && v >= lo && v <= hi) {
+                return bad(format!(
+                    "{name} must be a finite number in [{lo}, {hi}], not {v}"
+                ));
             }
         }
         if self.server.max_pending_message_bytes < 2 * mjpfl_proto::MAX_MESSAGE_BYTES {
@@ -440,6 +520,29 @@ mod tests {
         c.server.device = DeviceSpec::TchCuda(1);
         let back: CoordinatorConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.server.device, DeviceSpec::TchCuda(1));
+    }
+
+    #[test]
+    fn durations_and_floats_that_would_panic_or_not_round_trip_are_errors() {
+        // Found by the config_loader fuzz target: each passed validation and then panicked in
+        // Duration::from_secs_f64 or failed the TOML round trip (NaN != NaN).
+        for text in [
+            "[federation]\nclient_timeout_secs = -6",
+            "[federation]\nclient_timeout_secs = nan",
+            "[federation]\nround_deadline_secs = 1e20",
+            "[server]\nmessage_timeout_secs = inf",
+            "[server]\nconnection_idle_timeout_secs = 1e20",
+            "[server.tls]\ncert = \"c\"\nkey = \"k\"\nhandshake_timeout_secs = 1e300",
+            "[training]\ndal_lambda = nan",
+            "[training]\nfedprox_mu = inf",
+            "[training]\nlocal_optimizer = { kind = \"sgd\", momentum = nan }",
+            "[training]\nserver_optimizer = { kind = \"adam\", lr = 1e-3, beta1 = nan, beta2 = 0.999, eps = 1e-8 }",
+            "[training]\nserver_optimizer = { kind = \"sgd\", lr = -1 }",
+        ] {
+            let c: CoordinatorConfig =
+                toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert!(c.validate().is_err(), "{text} validated");
+        }
     }
 
     #[test]

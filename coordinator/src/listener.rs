@@ -26,6 +26,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle: Duration,
+    /// A new connection must send its first byte within this (an honest client sends its
+    /// HTTP/2 preface or TLS hello at once): sockets opened only to fill the connection slots
+    /// lose them within seconds.
+    pub first_byte: Duration,
 }
 
 /// Accepts connections on `listener` within `limits`, as the stream tonic serves from. The
@@ -47,7 +51,7 @@ pub fn incoming(listener: TcpListener, limits: Limits) -> ReceiverStream<io::Res
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
                     if tx
-                        .send(Ok(Connection::new(stream, slot, limits.idle)))
+                        .send(Ok(Connection::new(stream, slot, limits)))
                         .await
                         .is_err()
                     {
@@ -78,12 +82,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, idle: Duration) -> Self {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, limits: Limits) -> Self {
         Self {
             stream,
             _slot: slot,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            idle: limits.idle,
+            // Until the first byte; every byte read then moves it to `idle` from now.
+            timer: Box::pin(tokio::time::sleep(limits.first_byte.min(limits.idle))),
         }
     }
 }

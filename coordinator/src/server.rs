@@ -100,6 +100,7 @@ impl Coordinator {
         let limits = Limits {
             max_connections: federation.config().server.max_connections,
             idle: Duration::from_secs_f64(federation.config().server.connection_idle_timeout_secs),
+            first_byte: Duration::from_secs_f64(federation.config().server.first_byte_timeout_secs),
         };
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {

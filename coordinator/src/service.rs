@@ -60,9 +60,15 @@ impl FederationService {
         header: UploadHeader,
         declared: DeclaredTensors,
         mut stream: Streaming<v1::UpdateMessage>,
+        authenticated: Option<crate::wire_limits::Authenticated>,
     ) -> Result<u32, Status> {
         let client = self.fed.authenticate(&header.session_token)?;
         let _in_flight = self.fed.begin_upload(&client)?;
+        // A session's chunks are bounded by its one upload in flight: no longer charged to the
+        // budget shared with callers nobody has authenticated.
+        if let Some(a) = authenticated {
+            a.set();
+        }
         let ticket = self.fed.admit(&client, &header)?;
         let layout = declared.check(self.fed.manifest(), header.total_bytes)?;
         let idle = self.idle_timeout();
@@ -111,7 +117,7 @@ async fn next_chunk(
             ) =>
         {
             Err(Status::resource_exhausted(format!(
-                "message over the size limit: {}",
+                "upload refused: {}",
                 e.message()
             )))
         }
@@ -245,6 +251,10 @@ impl v1::federation_server::Federation for FederationService {
         &self,
         request: Request<Streaming<v1::UpdateMessage>>,
     ) -> Result<Response<v1::SubmitUpdateResponse>, Status> {
+        let authenticated = request
+            .extensions()
+            .get::<crate::wire_limits::Authenticated>()
+            .cloned();
         let mut stream = request.into_inner();
         let first = tokio::time::timeout(self.idle_timeout(), stream.message())
             .await
@@ -262,7 +272,10 @@ impl v1::federation_server::Federation for FederationService {
         };
         let (header, declared) = convert::upload_header_from_wire(header);
         let round = header.round;
-        match self.receive_update(header, declared, stream).await {
+        match self
+            .receive_update(header, declared, stream, authenticated)
+            .await
+        {
             Ok(received) => Ok(Response::new(v1::SubmitUpdateResponse {
                 accepted: true,
                 round,

@@ -46,7 +46,7 @@ impl TlsSection {
     /// The server's TLS configuration, with every file read and checked now (a missing key is
     /// an error at start, not at the first connection).
     pub fn server_config(&self) -> Result<ServerTlsConfig> {
-        if !(self.handshake_timeout_secs > 0.0 && self.handshake_timeout_secs.is_finite()) {
+        if !(self.handshake_timeout_secs > 0.0 && self.handshake_timeout_secs <= 1e9) {
             return Err(CoordinatorError::Config(
                 "server.tls.handshake_timeout_secs must be > 0".into(),
             ));

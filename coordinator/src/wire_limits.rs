@@ -14,11 +14,18 @@
 //!   first byte (of the request's start, for the first message), so trickling a byte at a time
 //!   holds nothing for long.
 //!
+//! An upload whose header named a valid session is then exempt from the shared budget (its
+//! chunks are bounded by the session's one upload in flight and the decoding slots), so peers
+//! without credentials cannot make honest uploads fail by filling it; what they can still
+//! delay is the first message of a call, until their own messages are cut off. Mutual TLS
+//! (`[server.tls] client_ca`) takes even that away: without a certificate no HTTP/2 frame is
+//! read at all.
+//!
 //! A refusal ends the request's stream; the connection and every other stream on it go on.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -66,6 +73,22 @@ impl Budget {
 
     fn release(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Put in every request's extensions: the service marks a request whose caller it has
+/// authenticated, and the request's later messages are no longer charged to the budget.
+#[derive(Clone, Debug, Default)]
+pub struct Authenticated(Arc<AtomicBool>);
+
+impl Authenticated {
+    /// Marks the request as coming from an authenticated session.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -119,10 +142,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let upload = request.uri().path() == SUBMIT_UPDATE;
         let limits = self.limits.clone();
-        let request = request.map(|body| Body::new(LimitedBody::new(body, limits, upload)));
+        let authenticated = Authenticated::default();
+        request.extensions_mut().insert(authenticated.clone());
+        let request =
+            request.map(|body| Body::new(LimitedBody::new(body, limits, upload, authenticated)));
         self.inner.call(request)
     }
 }
@@ -132,6 +158,7 @@ pub struct LimitedBody {
     inner: Body,
     limits: WireLimits,
     upload: bool,
+    authenticated: Authenticated,
     /// Messages completed so far.
     messages: u64,
     /// Bytes of the current message's 5-byte prefix seen so far.
@@ -147,13 +174,14 @@ pub struct LimitedBody {
 }
 
 impl LimitedBody {
-    fn new(inner: Body, limits: WireLimits, upload: bool) -> Self {
+    fn new(inner: Body, limits: WireLimits, upload: bool, authenticated: Authenticated) -> Self {
         // The first message is due from the request's start.
         let deadline = Some(Box::pin(tokio::time::sleep(limits.timeout)));
         Self {
             inner,
             limits,
             upload,
+            authenticated,
             messages: 0,
             prefix: [0; 5],
             prefix_len: 0,
@@ -237,6 +265,9 @@ impl LimitedBody {
     }
 
     fn charge(&mut self, n: usize) -> Result<(), Status> {
+        if self.authenticated.get() {
+            return Ok(());
+        }
         if self.limits.budget.try_charge(n) {
             self.charged += n;
             Ok(())
@@ -325,7 +356,7 @@ mod tests {
 
     fn body(budget: &Arc<Budget>, upload: bool) -> LimitedBody {
         let limits = WireLimits::new(budget.clone(), Duration::from_secs(30), 1 << 20);
-        LimitedBody::new(Body::empty(), limits, upload)
+        LimitedBody::new(Body::empty(), limits, upload, Authenticated::default())
     }
 
     #[tokio::test]
@@ -361,8 +392,14 @@ mod tests {
         let mut b = body(&budget, true);
         let err = b.account(&frame(9_000)[..3_000]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-        drop(a);
-        drop(b);
+        drop((small, header, a, b));
         assert_eq!(budget.used(), 0);
+        // Once the service has authenticated the caller, its messages cost the budget nothing.
+        let mut full = body(&budget, true);
+        full.account(&frame(9_000)[..9_000]).unwrap();
+        let mut honest = body(&budget, true);
+        honest.authenticated.set();
+        honest.account(&frame(200_000)[..150_000]).unwrap();
+        assert_eq!(budget.used(), 9_000);
     }
 }

@@ -11,12 +11,16 @@ use mjp::DeviceSpec;
 use mjp::layout::RunLayout;
 use mjpfl_attacks::{AdversaryConfig, AdversarySettings};
 use mjpfl_client::ClientConfig;
+use mjpfl_client::shared::SharedClients;
 use mjpfl_coordinator::{Coordinator, CoordinatorConfig, Federation};
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::{LabError, Result};
 use crate::feed::{AttackWorker, InProcess, public_mean_image};
 use crate::runtime::progress_bar;
+
+/// Simulated clients per shared HTTP/2 connection.
+const CLIENTS_PER_CONNECTION: usize = 8;
 
 /// How a simulation runs, beside the coordinator's configuration.
 #[derive(Clone, Debug)]
@@ -70,6 +74,11 @@ pub async fn run_simulation(
     let data_dir = config.data.data_dir.clone();
     let dataset = config.data.dataset.clone();
     let run = RunLayout::new(out);
+    // The simulated clients share connections (8 each); the loopback coordinator must accept
+    // all of them whatever the deployment's cap.
+    let mut config = config;
+    let connections = (n as usize).div_ceil(CLIENTS_PER_CONNECTION) + 64;
+    config.server.max_connections = config.server.max_connections.max(connections);
     let coordinator = Coordinator::start(config, out).await?;
     let endpoint = format!("http://{}", coordinator.addr);
     let federation = coordinator.federation.clone();
@@ -95,6 +104,7 @@ pub async fn run_simulation(
         None => None,
     };
     let permits = Arc::new(Semaphore::new(options.train_concurrency.max(1)));
+    let shared = SharedClients::new(CLIENTS_PER_CONNECTION);
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..n {
         let mut c = ClientConfig::new(endpoint.clone(), format!("sim-{i:02}"));
@@ -103,6 +113,7 @@ pub async fn run_simulation(
         c.device = options.device;
         c.audit_dir = options.audit.then(|| run.audit().dir().to_path_buf());
         c.training_permits = Some(permits.clone());
+        c.shared = Some(shared.clone());
         c.join_secret = federation.config().federation.join_secret.clone();
         clients.spawn(mjpfl_client::run(c, stop_rx.clone()));
     }
