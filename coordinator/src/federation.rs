@@ -142,7 +142,12 @@ pub struct Federation {
     id: String,
     tap: Tap,
     state: Mutex<State>,
+    /// Round-level changes (a round opened, closed or was committed, the federation finished):
+    /// what task long-polls and progress displays wait on.
     changed: watch::Sender<u64>,
+    /// An update was accepted: what the round driver waits on (thousands of long-polling
+    /// clients need not wake for each of a round's uploads, nor for every join).
+    submitted: watch::Sender<u64>,
     upload_permits: Arc<Semaphore>,
     test_data: Option<Dataset>,
     admission: Admission,
@@ -236,6 +241,7 @@ impl Federation {
             Phase::Waiting
         };
         let (changed, _) = watch::channel(0);
+        let (submitted, _) = watch::channel(0);
         let admission = Admission::new(
             &config.admission,
             &config.data.dataset,
@@ -270,6 +276,7 @@ impl Federation {
                 attempt: 1,
             }),
             changed,
+            submitted,
             test_data,
         }))
     }
@@ -282,9 +289,19 @@ impl Federation {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// A receiver that changes whenever the federation's state does (for long-polls).
+    /// A receiver that changes whenever a round opens, closes or commits, or the federation
+    /// finishes (for long-polls).
     pub fn watch(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    fn notify_submission(&self) {
+        self.submitted.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that changes whenever the open round accepts an update (for the driver).
+    fn watch_submissions(&self) -> watch::Receiver<u64> {
+        self.submitted.subscribe()
     }
 
     /// The configuration.

@@ -54,7 +54,7 @@ impl Federation {
                 .as_ref()
                 .map(|r| r.deadline)
                 .expect("round just opened");
-            let mut changes = self.watch();
+            let mut changes = self.watch_submissions();
             let closed_by = loop {
                 let done = self
                     .lock()

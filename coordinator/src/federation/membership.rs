@@ -102,7 +102,6 @@ impl Federation {
                 self.config.auth.max_sessions
             )));
         }
-        let taken: BTreeSet<u32> = s.clients.values().map(|c| c.partition).collect();
         let assigned = match &member {
             Member::Credential {
                 partition: Some(p), ..
@@ -114,6 +113,7 @@ impl Federation {
         } else if partition_hint >= 0 && (partition_hint as u32) < count {
             partition_hint as u32
         } else {
+            let taken: BTreeSet<u32> = s.clients.values().map(|c| c.partition).collect();
             (0..count)
                 .find(|p| !taken.contains(p))
                 .unwrap_or((s.next_client % u64::from(count)) as u32)
@@ -147,7 +147,9 @@ impl Federation {
         );
         drop(s);
         tracing::info!("{id} ({name}) joined, partition {partition}");
-        self.notify();
+        // Only the driver cares (a retired session may have been the round's last awaited
+        // one); the other clients' long-polls need not wake for a join.
+        self.notify_submission();
         Ok(Joined {
             client_id: id,
             token,

@@ -354,7 +354,7 @@ impl Federation {
         let received = r.submitted.len() as u32;
         drop(s);
         self.tap.publish(observed(true, update));
-        self.notify();
+        self.notify_submission();
         Ok(received)
     }
 }
