@@ -380,3 +380,58 @@ async fn messages_begun_and_never_finished_are_bounded_in_size_time_and_total() 
     coordinator.run_to_completion().await.unwrap();
     assert_eq!(rundir::read_rounds(dir.path()).unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_one_download_and_an_unread_one_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(1, 1);
+    config.server.upload_idle_timeout_secs = 1.5;
+    config.server.max_chunk_bytes = 16 << 10;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let addr = coordinator.addr;
+    // A reader with small HTTP/2 windows, so that an unread download backs up to the server.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = RawClient::join_on(channel, "mjpfl").await.unwrap();
+    let request = || v1::DownloadModelRequest {
+        session_token: raw.token.clone(),
+        model_version: 0,
+    };
+    // A download read for one message and then left alone.
+    let mut abandoned = raw
+        .client
+        .download_model(request())
+        .await
+        .unwrap()
+        .into_inner();
+    abandoned.message().await.unwrap().expect("a first chunk");
+    // A second download of the same session is refused while the first is in flight.
+    let second = raw.client.clone().download_model(request()).await;
+    assert_eq!(second.unwrap_err().code(), Code::AlreadyExists);
+    // Unread for the idle timeout, the first is cut off: its reader finds the end after what
+    // was already in flight, and the session may download again.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut ended = None;
+    for _ in 0..10_000 {
+        match abandoned.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                ended = Some(Code::Ok);
+                break;
+            }
+            Err(s) => {
+                ended = Some(s.code());
+                break;
+            }
+        }
+    }
+    assert_eq!(ended, Some(Code::DeadlineExceeded));
+    let model = raw.model(0).await;
+    assert!(!model.manifest().is_empty());
+    coordinator.shutdown().await.unwrap();
+}

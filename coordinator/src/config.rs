@@ -270,7 +270,8 @@ pub struct ServerSection {
     pub tap_queue: usize,
     /// Largest tensor chunk accepted, bytes.
     pub max_chunk_bytes: usize,
-    /// An upload that sends nothing for this long is cut off (and its decoding slot freed).
+    /// An upload that sends nothing for this long is cut off (and its decoding slot freed), and
+    /// so is a download nobody reads for this long (and its session's download slot freed).
     pub upload_idle_timeout_secs: f64,
     /// Connections open at once; more wait in the kernel's backlog. Keep it well below the
     /// process's file-descriptor limit (`ulimit -n`): the run directory needs descriptors too.

@@ -30,7 +30,7 @@ use crate::rundir::{RoundRecord, RunDir};
 use crate::tap::Tap;
 
 pub use membership::{ClientEntry, Joined};
-pub use round::{TaskDecision, UploadGuard, UploadTicket};
+pub use round::{TaskDecision, Transfer, TransferGuard, UploadTicket};
 
 /// Why a request was refused; `service` maps each kind to one gRPC status code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +123,7 @@ struct State {
     clients: BTreeMap<String, ClientEntry>,
     tokens: HashMap<String, String>,
     /// Sessions with an upload in flight (at most one each).
-    uploading: BTreeSet<String>,
+    in_flight: BTreeSet<(String, round::Transfer)>,
     /// Refused calls that presented no valid session (counted apart from the round's).
     unauthenticated: u64,
     next_client: u64,
@@ -267,7 +267,7 @@ impl Federation {
                 server,
                 clients: BTreeMap::new(),
                 tokens: HashMap::new(),
-                uploading: BTreeSet::new(),
+                in_flight: BTreeSet::new(),
                 unauthenticated: 0,
                 next_client: 0,
                 round: None,

@@ -12,7 +12,7 @@ use mjpfl_proto::v1;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::federation::{Federation, Refusal, TaskDecision};
+use crate::federation::{Federation, Refusal, TaskDecision, Transfer, TransferGuard};
 
 /// How long GetTask holds a poll open when there is nothing to do.
 const LONG_POLL: Duration = Duration::from_secs(10);
@@ -63,7 +63,7 @@ impl FederationService {
         authenticated: Option<crate::wire_limits::Authenticated>,
     ) -> Result<u32, Status> {
         let client = self.fed.authenticate(&header.session_token)?;
-        let _in_flight = self.fed.begin_upload(&client)?;
+        let _in_flight = self.fed.begin(&client, Transfer::Upload)?;
         // A session's chunks are bounded by its one upload in flight: no longer charged to the
         // budget shared with callers nobody has authenticated.
         if let Some(a) = authenticated {
@@ -128,30 +128,85 @@ async fn next_chunk(
     }
 }
 
-/// Streams model `version` as chunks; the first message carries the manifest.
+/// Streams model `version` as chunks; the first message carries the manifest. A reader that
+/// takes nothing for `idle` is cut off (DEADLINE_EXCEEDED) and the stream lets go of the model
+/// and of `guard` (its session's one download slot).
 fn model_stream(
     version: u64,
     params: Arc<NamedTensors>,
     max_chunk: usize,
     vit: &mjp::VitConfig,
+    idle: Duration,
+    guard: Option<TransferGuard>,
 ) -> BoxStream<v1::ModelChunk> {
     let manifest = convert::manifest_to_wire(&params.manifest());
     let config = serde_json::to_string(vit).expect("config serialises");
     // Chunks are cut as the client reads them: a download holds one chunk, not a model copy.
     let chunks = convert::Chunks::new(params, |p| p, max_chunk);
-    let messages = chunks.enumerate().map(move |(i, chunk)| {
-        Ok(v1::ModelChunk {
-            model_version: version,
-            manifest: (i == 0).then(|| manifest.clone()),
-            chunk: Some(chunk),
-            model_config_json: if i == 0 {
-                config.clone()
-            } else {
-                String::new()
-            },
-        })
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = CutOff {
+        rx: tokio_stream::wrappers::ReceiverStream::new(rx),
+        cut: cut.clone(),
+        idle,
+        ended: false,
+    };
+    tokio::spawn(async move {
+        let _guard = guard;
+        for (i, chunk) in chunks.enumerate() {
+            let message = v1::ModelChunk {
+                model_version: version,
+                manifest: (i == 0).then(|| manifest.clone()),
+                chunk: Some(chunk),
+                model_config_json: if i == 0 {
+                    config.clone()
+                } else {
+                    String::new()
+                },
+            };
+            match tx.send_timeout(Ok(message), idle).await {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    cut.store(true, std::sync::atomic::Ordering::Release);
+                    return;
+                }
+                Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return,
+            }
+        }
     });
-    Box::pin(tokio_stream::iter(messages))
+    Box::pin(stream)
+}
+
+/// The chunks a download's producer sent, then DEADLINE_EXCEEDED if it gave up on the reader
+/// (a reader must never take a cut-off model for a whole one).
+struct CutOff {
+    rx: tokio_stream::wrappers::ReceiverStream<Result<v1::ModelChunk, Status>>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    idle: Duration,
+    ended: bool,
+}
+
+impl Stream for CutOff {
+    type Item = Result<v1::ModelChunk, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match Pin::new(&mut self.rx).poll_next(cx) {
+            std::task::Poll::Ready(None) if !self.ended => {
+                self.ended = true;
+                let cut = self.cut.load(std::sync::atomic::Ordering::Acquire);
+                std::task::Poll::Ready(cut.then(|| {
+                    Err(Status::deadline_exceeded(format!(
+                        "the download was not read for {:?}: cut off",
+                        self.idle
+                    )))
+                }))
+            }
+            other => other,
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -237,13 +292,16 @@ impl v1::federation_server::Federation for FederationService {
         request: Request<v1::DownloadModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let req = request.into_inner();
-        self.fed.authenticate(&req.session_token)?;
+        let client = self.fed.authenticate(&req.session_token)?;
+        let guard = self.fed.begin(&client, Transfer::Download)?;
         let params = self.fed.model(req.model_version)?;
         Ok(Response::new(model_stream(
             req.model_version,
             params,
             self.fed.config().server.max_chunk_bytes,
             self.fed.vit(),
+            self.idle_timeout(),
+            Some(guard),
         )))
     }
 
@@ -433,6 +491,8 @@ impl v1::observer_server::Observer for ObserverService {
             params,
             self.fed.config().server.max_chunk_bytes,
             self.fed.vit(),
+            Duration::from_secs_f64(self.fed.config().server.upload_idle_timeout_secs),
+            None,
         )))
     }
 }

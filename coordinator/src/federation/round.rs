@@ -52,14 +52,23 @@ pub struct UploadTicket {
 }
 
 /// An upload in flight (see [`Federation::begin_upload`]).
-pub struct UploadGuard {
+pub struct TransferGuard {
     fed: Arc<Federation>,
-    client: String,
+    key: (String, Transfer),
 }
 
-impl Drop for UploadGuard {
+/// What a session has in flight (at most one of each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Transfer {
+    /// An update being received.
+    Upload,
+    /// A model version being sent.
+    Download,
+}
+
+impl Drop for TransferGuard {
     fn drop(&mut self) {
-        self.fed.lock().uploading.remove(&self.client);
+        self.fed.lock().in_flight.remove(&self.key);
     }
 }
 
@@ -257,17 +266,23 @@ impl Federation {
         s.unauthenticated
     }
 
-    /// Marks an upload of `client` in flight until the guard drops; refused while another
-    /// upload of the same session is (a session holds at most one decoding slot).
-    pub fn begin_upload(self: &Arc<Self>, client: &str) -> Result<UploadGuard, Refusal> {
-        if !self.lock().uploading.insert(client.to_string()) {
+    /// Marks a transfer of `client` in flight until the guard drops; refused while another
+    /// of the same kind is (a session holds at most one decoding slot, and at most one
+    /// download's buffers: 200 abandoned downloads of one session cannot pile up).
+    pub fn begin(self: &Arc<Self>, client: &str, kind: Transfer) -> Result<TransferGuard, Refusal> {
+        let key = (client.to_string(), kind);
+        if !self.lock().in_flight.insert(key.clone()) {
             return Err(Refusal::AlreadyExists(format!(
-                "{client} already has an upload in flight"
+                "{client} already has {} in flight",
+                match kind {
+                    Transfer::Upload => "an upload",
+                    Transfer::Download => "a download",
+                }
             )));
         }
-        Ok(UploadGuard {
+        Ok(TransferGuard {
             fed: self.clone(),
-            client: client.to_string(),
+            key,
         })
     }
 
