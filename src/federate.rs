@@ -68,6 +68,12 @@ pub struct FederationOverrides {
     /// Dirichlet label skew alpha (default: IID).
     #[arg(long)]
     pub dirichlet_alpha: Option<f64>,
+    /// IID partitions of exactly this many examples each (the cross-device regime, e.g. 50).
+    #[arg(long, conflicts_with = "dirichlet_alpha")]
+    pub client_size: Option<usize>,
+    /// Local epochs per round (FedAvg; replaces --local-steps).
+    #[arg(long)]
+    pub local_epochs: Option<u32>,
     /// Dataset.
     #[arg(long)]
     pub data: Option<DataSource>,
@@ -121,6 +127,12 @@ impl FederationOverrides {
         if let Some(v) = self.seed {
             c.federation.seed = v;
         }
+        if let Some(size) = self.client_size {
+            c.partition = PartitionScheme::Iid {
+                count: c.partition.count(),
+                size: Some(size),
+            };
+        }
         if let Some(alpha) = self.dirichlet_alpha {
             c.partition = PartitionScheme::Dirichlet {
                 count: c.partition.count(),
@@ -142,6 +154,9 @@ impl FederationOverrides {
         }
         if let Some(v) = self.local_steps {
             t.local_steps = v;
+        }
+        if let Some(v) = self.local_epochs {
+            t.local_epochs = v;
         }
         if let Some(v) = self.batch_size {
             t.batch_size = v;

@@ -50,7 +50,10 @@ async fn mutual_tls_and_per_client_credentials_admit_only_their_holders_once_eac
     let layout = SecretsLayout::new(&secrets);
     let mut config = small_config(2, 2);
     config.training.local_steps = 3;
-    config.partition = mjp::partition::PartitionScheme::Iid { count: 3 };
+    config.partition = mjp::partition::PartitionScheme::Iid {
+        count: 3,
+        size: None,
+    };
     config.auth = AuthSection {
         clients_file: Some(layout.clients_file()),
         observer_token_file: Some(layout.observer_token()),

@@ -431,7 +431,10 @@ mod tests {
 
     #[test]
     fn join_reply_needs_federation_info_and_clamps_the_chunk_size() {
-        let scheme = PartitionScheme::Iid { count: 3 };
+        let scheme = PartitionScheme::Iid {
+            count: 3,
+            size: None,
+        };
         let vit = VitConfig::preset("vit-micro-28").unwrap();
         let reply = |max_chunk_bytes| v1::JoinResponse {
             client_id: "client-001".into(),

@@ -337,6 +337,7 @@ pub fn aggregate(args: &AggregateBench) -> Result<()> {
     config.data.skip_eval = true;
     config.partition = mjp::partition::PartitionScheme::Iid {
         count: args.updates as u32,
+        size: None,
     };
     config.training.update_kind = mjp::fl::UpdateKind::FedAvg;
     config.server.listen = format!("127.0.0.1:{port}");

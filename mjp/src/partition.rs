@@ -17,6 +17,10 @@ pub enum PartitionScheme {
     Iid {
         /// Number of partitions.
         count: u32,
+        /// Examples per partition (the cross-device regime: e.g. 50 each); unset: the whole
+        /// set dealt out. `count * size` must not exceed the set; the rest is unused.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<usize>,
     },
     /// Per class, proportions drawn from Dirichlet(alpha) over clients (smaller alpha = more
     /// skew).
@@ -37,7 +41,10 @@ pub enum PartitionScheme {
 
 impl Default for PartitionScheme {
     fn default() -> Self {
-        Self::Iid { count: 10 }
+        Self::Iid {
+            count: 10,
+            size: None,
+        }
     }
 }
 
@@ -45,16 +52,16 @@ impl PartitionScheme {
     /// Number of partitions.
     pub fn count(&self) -> u32 {
         match self {
-            Self::Iid { count } | Self::Dirichlet { count, .. } | Self::Shards { count, .. } => {
-                *count
-            }
+            Self::Iid { count, .. }
+            | Self::Dirichlet { count, .. }
+            | Self::Shards { count, .. } => *count,
         }
     }
 
     /// The same scheme over `count` partitions.
     pub fn with_count(&self, count: u32) -> Self {
         match *self {
-            Self::Iid { .. } => Self::Iid { count },
+            Self::Iid { size, .. } => Self::Iid { count, size },
             Self::Dirichlet { alpha, .. } => Self::Dirichlet { count, alpha },
             Self::Shards {
                 shards_per_client, ..
@@ -78,6 +85,9 @@ impl PartitionScheme {
                 shards_per_client: 0,
                 ..
             } => Err(MjpError::Partition("shards_per_client must be >= 1".into())),
+            Self::Iid { size: Some(0), .. } => {
+                Err(MjpError::Partition("iid size must be >= 1".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -95,9 +105,19 @@ impl PartitionScheme {
         let mut rng = seed.child("partition", 0).rng();
         let mut parts = vec![Vec::new(); k];
         match self {
-            Self::Iid { .. } => {
+            Self::Iid { size, .. } => {
                 let mut order: Vec<usize> = (0..labels.len()).collect();
                 order.shuffle(&mut rng);
+                if let Some(n) = size {
+                    let needed = k.checked_mul(*n).filter(|&t| t <= labels.len());
+                    let Some(needed) = needed else {
+                        return Err(MjpError::Partition(format!(
+                            "{k} partitions of {n} need more than the {} examples there are",
+                            labels.len()
+                        )));
+                    };
+                    order.truncate(needed);
+                }
                 for (i, idx) in order.into_iter().enumerate() {
                     parts[i % k].push(idx);
                 }
@@ -234,12 +254,40 @@ mod tests {
 
     #[test]
     fn iid_is_balanced_and_deterministic() {
-        let s = PartitionScheme::Iid { count: 7 };
+        let s = PartitionScheme::Iid {
+            count: 7,
+            size: None,
+        };
         let a = s.split(&labels(), 10, Seed(1)).unwrap();
         assert_eq!(a, s.split(&labels(), 10, Seed(1)).unwrap());
         assert_ne!(a, s.split(&labels(), 10, Seed(2)).unwrap());
         check_disjoint_cover(&a, 1000, true);
         assert!(a.iter().all(|p| p.len() == 142 || p.len() == 143));
+    }
+
+    #[test]
+    fn iid_with_a_size_gives_every_client_exactly_that_many() {
+        let s = PartitionScheme::Iid {
+            count: 19,
+            size: Some(50),
+        };
+        let a = s.split(&labels(), 10, Seed(1)).unwrap();
+        assert!(a.iter().all(|p| p.len() == 50));
+        check_disjoint_cover(&a, 1000, false);
+        let too_many = PartitionScheme::Iid {
+            count: 21,
+            size: Some(50),
+        };
+        assert!(too_many.split(&labels(), 10, Seed(1)).is_err());
+        // Without a size the split is what it always was.
+        let old = PartitionScheme::Iid {
+            count: 7,
+            size: None,
+        };
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(!text.contains("size"), "{text}");
+        let parsed: PartitionScheme = serde_json::from_str(r#"{"kind":"iid","count":7}"#).unwrap();
+        assert_eq!(parsed, old);
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub fn small_config(clients: u32, rounds: u32) -> CoordinatorConfig {
     c.federation.seed = 7;
     c.data.dataset = fixture();
     c.data.eval_jigsaw_metrics = false;
-    c.partition = mjp::partition::PartitionScheme::Iid { count: clients };
+    c.partition = mjp::partition::PartitionScheme::Iid {
+        count: clients,
+        size: None,
+    };
     c.training.update_kind = UpdateKind::FedAvg;
     c.training.local_steps = 10;
     c.training.batch_size = 32;
