@@ -356,6 +356,10 @@ async fn messages_begun_and_never_finished_are_bounded_in_size_time_and_total() 
         }
     }
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // With the budget full, small calls still go through: a newcomer joins.
+    RawClient::join(&format!("http://{addr}"), "mjpfl")
+        .await
+        .expect("a Join while the budget is full");
     // Meanwhile the honest upload (64 KiB chunks, more than the budget has left) goes through:
     // once its header names a session, its chunks are not charged to the shared budget.
     submit(&mut raw, &task, &zero, 8, &[]).await.unwrap();

@@ -39,6 +39,11 @@ use tonic::codegen::{Bytes, Service, http};
 pub const MAX_SMALL_MESSAGE: usize = 64 << 10;
 /// The largest upload header (tensor specs and metrics: about 10 KiB for deit-s-224).
 pub const MAX_UPLOAD_HEADER: usize = 256 << 10;
+/// Messages of at most this many bytes are never charged to the budget: every honest call but
+/// an upload's chunks (Join, GetTask, Status, Watch, the header of a small model's upload) fits,
+/// so peers filling the budget cannot lock honest clients out of the protocol. What they cost
+/// is bounded by streams x this (64 MiB at the default connection and stream caps).
+pub const FREE_MESSAGE: usize = 8 << 10;
 /// The upload method, whose later messages are tensor chunks.
 const SUBMIT_UPDATE: &str = "/mjpfl.v1.Federation/SubmitUpdate";
 
@@ -168,6 +173,8 @@ pub struct LimitedBody {
     remaining: usize,
     /// Bytes of the current incomplete message charged to the budget.
     charged: usize,
+    /// The current message is small enough to be free of the budget.
+    free: bool,
     /// When the current message must be complete (`None` between messages).
     deadline: Option<Pin<Box<Sleep>>>,
     failed: bool,
@@ -187,6 +194,7 @@ impl LimitedBody {
             prefix_len: 0,
             remaining: 0,
             charged: 0,
+            free: false,
             deadline,
             failed: false,
         }
@@ -228,10 +236,11 @@ impl LimitedBody {
                     self.start_deadline();
                 }
                 let take = (5 - self.prefix_len).min(data.len());
+                // The prefix itself (5 bytes a stream) is not charged: a full budget must not
+                // refuse a message before its length says whether it is free.
                 self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
                 self.prefix_len += take;
                 data = &data[take..];
-                self.charge(take)?;
                 if self.prefix_len == 5 {
                     let len = u32::from_be_bytes([
                         self.prefix[1],
@@ -245,6 +254,7 @@ impl LimitedBody {
                             "message of {len} bytes announced; this call accepts at most {cap}"
                         )));
                     }
+                    self.free = len <= FREE_MESSAGE;
                     if len == 0 {
                         self.finish_message();
                     } else {
@@ -265,7 +275,7 @@ impl LimitedBody {
     }
 
     fn charge(&mut self, n: usize) -> Result<(), Status> {
-        if self.authenticated.get() {
+        if self.free || self.authenticated.get() {
             return Ok(());
         }
         if self.limits.budget.try_charge(n) {
@@ -367,9 +377,9 @@ mod tests {
         b.account(&two).unwrap();
         assert_eq!(budget.used(), 0);
         assert_eq!(b.messages, 2);
-        let next = frame(1000);
+        let next = frame(10_000);
         b.account(&next[..400]).unwrap();
-        assert_eq!(budget.used(), 400);
+        assert_eq!(budget.used(), 395, "the body so far, not the prefix");
         b.account(&next[400..]).unwrap();
         assert_eq!(budget.used(), 0);
         b.account(&next[..3]).unwrap();
@@ -392,6 +402,10 @@ mod tests {
         let mut b = body(&budget, true);
         let err = b.account(&frame(9_000)[..3_000]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // A full budget still lets small messages through (every honest call but chunks).
+        let mut join = body(&budget, false);
+        join.account(&frame(FREE_MESSAGE)).unwrap();
+        join.account(&frame(300)[..100]).unwrap();
         drop((small, header, a, b));
         assert_eq!(budget.used(), 0);
         // Once the service has authenticated the caller, its messages cost the budget nothing.
@@ -400,6 +414,6 @@ mod tests {
         let mut honest = body(&budget, true);
         honest.authenticated.set();
         honest.account(&frame(200_000)[..150_000]).unwrap();
-        assert_eq!(budget.used(), 9_000);
+        assert_eq!(budget.used(), 8_995);
     }
 }
