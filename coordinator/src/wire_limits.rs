@@ -175,6 +175,8 @@ pub struct LimitedBody {
     charged: usize,
     /// The current message is small enough to be free of the budget.
     free: bool,
+    /// Bytes read from the connection but not yet handed on (see [`LimitedBody::pass`]).
+    held: Option<Bytes>,
     /// When the current message must be complete (`None` between messages).
     deadline: Option<Pin<Box<Sleep>>>,
     failed: bool,
@@ -195,6 +197,7 @@ impl LimitedBody {
             remaining: 0,
             charged: 0,
             free: false,
+            held: None,
             deadline,
             failed: false,
         }
@@ -227,9 +230,14 @@ impl LimitedBody {
         self.deadline = None;
     }
 
-    /// Walks the framing of `data`; an error refuses the request.
-    fn account(&mut self, mut data: &[u8]) -> Result<(), Status> {
+    /// Walks the framing of `data`; an error refuses the request, with the bytes of `data`
+    /// accounted before it (the state stands as it was after them, so the rest may be tried
+    /// again).
+    fn account(&mut self, data: &[u8]) -> Result<(), (usize, Status)> {
+        let total = data.len();
+        let mut data = data;
         while !data.is_empty() {
+            let consumed = total - data.len();
             if self.remaining == 0 {
                 // In the prefix.
                 if self.prefix_len == 0 {
@@ -250,9 +258,12 @@ impl LimitedBody {
                     ]) as usize;
                     let cap = self.cap();
                     if len > cap {
-                        return Err(Status::resource_exhausted(format!(
-                            "message of {len} bytes announced; this call accepts at most {cap}"
-                        )));
+                        return Err((
+                            consumed,
+                            Status::resource_exhausted(format!(
+                                "message of {len} bytes announced; this call accepts at most {cap}"
+                            )),
+                        ));
                     }
                     self.free = len <= FREE_MESSAGE;
                     if len == 0 {
@@ -263,15 +274,38 @@ impl LimitedBody {
                 }
             } else {
                 let take = self.remaining.min(data.len());
+                self.charge(take).map_err(|s| (consumed, s))?;
                 self.remaining -= take;
                 data = &data[take..];
-                self.charge(take)?;
                 if self.remaining == 0 {
                     self.finish_message();
                 }
             }
         }
         Ok(())
+    }
+
+    /// Hands `data` on, or as much of it as the budget takes. An upload's first chunk often
+    /// arrives in the frame that ends its header, before the service has read the header and
+    /// authenticated the session: the bytes up to the refusal go on, the rest waits (held
+    /// here, no more read from the connection) until the service asks again, by when an
+    /// authenticated upload is no longer charged. Anything else over the budget is refused.
+    fn pass(&mut self, data: Bytes) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        match self.account(&data) {
+            Ok(()) => Poll::Ready(Some(Ok(http_body::Frame::data(data)))),
+            Err((consumed, status)) => {
+                let early_chunk = self.upload
+                    && self.messages >= 1
+                    && consumed > 0
+                    && status.code() == tonic::Code::ResourceExhausted;
+                if early_chunk {
+                    self.held = Some(data.slice(consumed..));
+                    Poll::Ready(Some(Ok(http_body::Frame::data(data.slice(..consumed)))))
+                } else {
+                    self.fail(status)
+                }
+            }
+        }
     }
 
     fn charge(&mut self, n: usize) -> Result<(), Status> {
@@ -314,16 +348,14 @@ impl http_body::Body for LimitedBody {
         if self.failed {
             return Poll::Ready(None);
         }
+        if let Some(held) = self.held.take() {
+            return self.pass(held);
+        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let data = data.clone();
-                    if let Err(status) = self.account(&data) {
-                        return self.fail(status);
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => self.pass(data),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
             Poll::Ready(other) => Poll::Ready(other),
             Poll::Pending => {
                 let timeout = self.limits.timeout;
@@ -345,7 +377,7 @@ impl http_body::Body for LimitedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || self.inner.is_end_stream()
+        self.failed || (self.held.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -391,7 +423,7 @@ mod tests {
     async fn oversized_announcements_and_an_exhausted_budget_are_refused() {
         let budget = Budget::new(10_000);
         let mut small = body(&budget, false);
-        let err = small
+        let (_, err) = small
             .account(&frame(MAX_SMALL_MESSAGE + 1)[..5])
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
@@ -400,7 +432,8 @@ mod tests {
         let mut a = body(&budget, true);
         a.account(&frame(9_000)[..8_000]).unwrap();
         let mut b = body(&budget, true);
-        let err = b.account(&frame(9_000)[..3_000]).unwrap_err();
+        let (consumed, err) = b.account(&frame(9_000)[..3_000]).unwrap_err();
+        assert_eq!(consumed, 5, "the prefix was accounted, no byte of the body");
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         // A full budget still lets small messages through (every honest call but chunks).
         let mut join = body(&budget, false);
