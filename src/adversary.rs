@@ -15,8 +15,9 @@ use mjpfl_lab::runtime::{ctrl_c_or_term, runtime};
 /// Which attacks the adversary runs, on which updates (defaults: `AdversarySettings`).
 #[derive(Args, Debug, Clone)]
 pub struct AttackArgs {
-    /// Attacks, comma-separated: april, april-mjp, ig, ig-pe, ig-pe-adaptive, dlg, dlg-pe,
-    /// mean-image [default: april,april-mjp,mean-image].
+    /// Attacks, comma-separated: april, april-mjp, april-mjp-ig, ig, ig-pe, ig-pe-adaptive, dlg,
+    /// dlg-pe, fedavg-ig, mean-image [default: april,april-mjp,mean-image] (docs/attacks.md says
+    /// what each does and where it applies).
     #[arg(long, value_delimiter = ',')]
     pub attacks: Option<Vec<String>>,
     /// Iterations of optimisation attacks [default: 1000].
@@ -37,6 +38,10 @@ pub struct AttackArgs {
     /// Restarts of optimisation attacks (best by objective is kept).
     #[arg(long)]
     pub attack_restarts: Option<usize>,
+    /// Weight of the Gaussian prior towards the starting image (the public mean image) in
+    /// optimisation attacks (default per attack).
+    #[arg(long)]
+    pub attack_prior: Option<f64>,
     /// Use plain (not signed) Adam in optimisation attacks.
     #[arg(long)]
     pub attack_unsigned: bool,
@@ -75,6 +80,7 @@ impl AttackArgs {
             pe_weight: self.attack_pe_weight,
             embed_weight: self.attack_embed_weight,
             restarts: self.attack_restarts,
+            prior_weight: self.attack_prior,
             unsigned: self.attack_unsigned,
             init_noise: self.attack_init_noise,
             save_updates: self.save_updates,

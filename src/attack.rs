@@ -1,5 +1,5 @@
-//! `mjpfl attack`: arguments of an offline attack (a saved update, or FedSGD updates made from
-//! real images; see `mjpfl_lab::offline`) and the printed table.
+//! `mjpfl attack`: arguments of an offline attack (a saved update, or FedSGD or FedAvg updates
+//! made from real images; see `mjpfl_lab::offline`) and the printed table.
 
 use std::path::PathBuf;
 
@@ -50,6 +50,16 @@ pub struct AttackCmdArgs {
     /// Local batch size of the made updates.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// Make FedAvg updates instead of FedSGD gradients: each client holds --client-size of the
+    /// images and trains this many local epochs of plain SGD (batch --batch, lr --local-lr).
+    #[arg(long)]
+    fedavg_epochs: Option<u32>,
+    /// Images per client of --fedavg-epochs updates.
+    #[arg(long, default_value_t = 8)]
+    client_size: usize,
+    /// Client learning rate of --fedavg-epochs updates.
+    #[arg(long, default_value_t = 0.1)]
+    local_lr: f64,
     /// DAL weight of the made updates.
     #[arg(long, default_value_t = 0.01)]
     dal_lambda: f64,
@@ -90,6 +100,13 @@ pub fn run(args: AttackCmdArgs) -> Result<()> {
         vit: args.model.config()?,
         ratio: args.ratio,
         batch: args.batch,
+        fedavg: args
+            .fedavg_epochs
+            .map(|epochs| mjpfl_lab::offline::LocalTraining {
+                client_size: args.client_size,
+                epochs,
+                lr: args.local_lr,
+            }),
         dal_lambda: args.dal_lambda,
         seed: args.seed,
         data_dir: args.data_dir.clone(),
@@ -135,8 +152,8 @@ fn print_table(records: &[UpdateRecord]) {
         label_recovery(records).map_or(0.0, |(a, _)| 100.0 * a)
     );
     println!(
-        "{:<16} {:>6} {:>10} {:>10} {:>8} {:>12} {:>8}",
-        "attack", "scored", "PSNR mean", "PSNR med", "SSIM", "PSNR (seen)", "s/case"
+        "{:<16} {:>6} {:>10} {:>10} {:>8} {:>8} {:>12} {:>8}",
+        "attack", "scored", "PSNR mean", "PSNR med", ">20 dB", "SSIM", "PSNR (seen)", "s/case"
     );
     for s in per_attack(records) {
         if s.scored == 0 {
@@ -144,11 +161,12 @@ fn print_table(records: &[UpdateRecord]) {
             continue;
         }
         println!(
-            "{:<16} {:>6} {:>10.2} {:>10.2} {:>8.3} {:>12.2} {:>8.1}",
+            "{:<16} {:>6} {:>10.2} {:>10.2} {:>7.0}% {:>8.3} {:>12.2} {:>8.1}",
             s.attack,
             s.scored,
             s.mean_psnr,
-            s.median_psnr,
+            s.median_image_psnr,
+            100.0 * s.recovered_fraction,
             s.mean_ssim,
             s.mean_psnr_seen,
             s.mean_seconds

@@ -180,6 +180,7 @@ impl Adversary {
             pseudo_gradient: case.is_pseudo_gradient(),
             batch_size: observed.update.batch_size,
             local_steps: observed.update.local_steps,
+            num_examples: observed.update.num_examples,
             shuffle_ratio: observed.config.shuffle_ratio,
             pe: self.vit.pe.to_string(),
             recovered_labels: labels,

@@ -25,7 +25,7 @@ impl Attack for MeanImage {
         let per = vit.channels * vit.image_size * vit.image_size;
         match knowledge.mean_image {
             Some(m) if m.len() == per => Ok(Reconstruction {
-                images: m.repeat(case.batch_size),
+                images: m.repeat(knowledge.labels.len()),
                 objective: None,
             }),
             _ => Err(AttackError::NotApplicable("no public mean image".into())),

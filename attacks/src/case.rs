@@ -9,6 +9,10 @@ use mjp::params::{NamedTensor, NamedTensors};
 
 use crate::error::{AttackError, Result};
 
+/// The largest local dataset whose every image a FedAvg update's attacks reconstruct (and the
+/// audit records); larger clients are attacked for one batch's worth of images.
+pub const MAX_FEDAVG_IMAGES: usize = mjp::fl::AUDIT_MAX_IMAGES;
+
 /// One update under attack.
 #[derive(Clone, Debug)]
 pub struct AttackCase {
@@ -26,6 +30,9 @@ pub struct AttackCase {
     pub batch_size: usize,
     /// Local steps behind the update.
     pub local_steps: u32,
+    /// Examples the client says the update covers (FedAvg: its local dataset; the server caps
+    /// the weight at the partition it assigned, so it knows this count).
+    pub num_examples: usize,
     /// Where the attacker computes (not part of the threat model).
     pub device: mjp::DeviceSpec,
 }
@@ -46,6 +53,9 @@ impl AttackCase {
             kind: observed.update.kind,
             batch_size: observed.update.batch_size.max(1) as usize,
             local_steps: observed.update.local_steps.max(1),
+            num_examples: usize::try_from(observed.update.num_examples)
+                .unwrap_or(usize::MAX)
+                .max(1),
             device,
         }
     }
@@ -63,6 +73,17 @@ impl AttackCase {
                 g.scale(k);
                 g
             }
+        }
+    }
+
+    /// How many private images the attacks reconstruct: the batch of a FedSGD gradient; for a
+    /// FedAvg delta, every local example when the client holds at most [`MAX_FEDAVG_IMAGES`]
+    /// (the cross-device regime), else one batch's worth (the pseudo-gradient baseline's
+    /// choice on clients too large to reconstruct whole).
+    pub fn images(&self) -> usize {
+        match self.kind {
+            UpdateKind::FedAvg if self.num_examples <= MAX_FEDAVG_IMAGES => self.num_examples,
+            _ => self.batch_size,
         }
     }
 

@@ -3,7 +3,10 @@
 //! For cross-entropy, `dL/db_k = mean_i (p_ik - y_ik)`. Batch 1 (iDLG): the only negative entry
 //! is the label. Batch B: `count_k ~= B * (p_mean_k - g_k)`, where `p_mean` is the model's mean
 //! softmax output, which the server estimates by running its copy of the model on dummy inputs;
-//! counts are rounded to a total of B by largest remainders.
+//! counts are rounded to a total of B by largest remainders. A FedAvg delta of n local examples
+//! (K steps of batch b, E epochs, K b = n E) gives the pseudo-gradient
+//! `-delta_b / (lr K) ~= (1/n) sum_i (p_i - y_i)`, so the same rule with B = n counts the
+//! client's labels (up to the drift of p over the local steps).
 
 use mjp::VitConfig;
 use mjp::params::NamedTensors;
@@ -15,7 +18,7 @@ use crate::error::Result;
 pub fn recover_labels(case: &AttackCase, mean_probs: &[f64]) -> Result<Vec<u32>> {
     let g = case.target_gradient();
     let bias = &AttackCase::tensor(&g, "head.bias")?.data;
-    Ok(labels_from_bias_gradient(bias, case.batch_size, mean_probs))
+    Ok(labels_from_bias_gradient(bias, case.images(), mean_probs))
 }
 
 /// The rule itself, on a bias gradient.

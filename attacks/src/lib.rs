@@ -5,8 +5,8 @@
 //! - the pipeline (`adversary`): which updates, labels first, every attack, scoring, recording;
 //!   its settings (`settings`) with their defaults written once;
 //! - the interface every attack implements (`attack`) and the table of them by name
-//!   (`registry`); attacks live in `april` (closed form), `optimise` (Inverting Gradients, DLG)
-//!   and `baseline` (the mean image);
+//!   (`registry`); attacks live in `april` (closed form), `optimise` (Inverting Gradients, DLG),
+//!   `fedavg` (the FedAvg-aware attack) and `baseline` (the mean image);
 //! - the threat model (`case`): what the server knows about one update;
 //! - objectives (`objective`): what is matched; regularisers (`regulariser`): image priors;
 //! - optimiser loops (`optimise`) and closed-form solvers (`april`, `labels`);
@@ -20,6 +20,8 @@ pub mod attack;
 pub mod baseline;
 pub mod case;
 pub mod error;
+pub mod fedavg;
+pub mod fill;
 pub mod labels;
 pub mod linalg;
 pub mod metrics;
@@ -27,6 +29,7 @@ pub mod objective;
 pub mod optimise;
 pub mod record;
 pub mod recorder;
+pub mod regime;
 pub mod registry;
 pub mod regulariser;
 pub mod render;

@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use mjp::VitConfig;
 use mjp::jigsaw::{JigsawPlan, SamplePlan};
 use mjp::params::NamedTensors;
 use rand::Rng;
@@ -30,6 +31,10 @@ pub struct OptimisationConfig {
     pub objective: Objective,
     /// Total-variation weight.
     pub tv_weight: f64,
+    /// Weight of the Gaussian prior `w mean_k (x_k - start_k)^2` towards the starting image
+    /// (0 disables; without a starting image it does nothing).
+    #[serde(default)]
+    pub prior_weight: f64,
     /// Iterations per restart.
     pub iterations: usize,
     /// Adam learning rate (decayed x0.1 at 3/8, 5/8 and 7/8 of the iterations).
@@ -66,6 +71,7 @@ impl OptimisationConfig {
                 embed_weight: 0.0,
             },
             tv_weight: 1e-4,
+            prior_weight: 0.0,
             iterations: 1000,
             lr: 0.035,
             signed: true,
@@ -177,16 +183,44 @@ pub fn optimise_from(
     labels: &[u32],
     config: &OptimisationConfig,
     start: Option<&[f32]>,
-    mut progress: impl FnMut(usize, f64),
+    progress: impl FnMut(usize, f64),
 ) -> Result<Optimised> {
-    let started = Instant::now();
     let vit = &case.vit;
-    let b = labels.len();
-    let (c, s) = (vit.channels, vit.image_size);
-    let per = c * s * s;
     let victim = Victim::new(vit, &case.global, case.config.dal_lambda, case.device)?;
     let target = case.target_gradient();
     let plan = attacker_plan(case, config.adaptive);
+    let patch_rows = 1..1 + vit.num_patches();
+    descend(
+        vit,
+        labels.len(),
+        config,
+        start,
+        |x| {
+            let g = victim.parameter_gradient(x, labels, plan.as_ref());
+            let (matching, dg) = config.objective.evaluate(&g, &target, patch_rows.clone());
+            let grad =
+                jacobian_transpose_vector(&victim, x, labels, plan.as_ref(), &dg, config.fd_scale)?;
+            Ok((matching, grad))
+        },
+        progress,
+    )
+}
+
+/// The descent every optimisation attack shares: `b` images in [0, 1] from `start` (plus noise)
+/// or breaching's initialisation, `evaluate(x) -> (matching objective, its input gradient)`
+/// plus total variation, (signed) Adam with the step decay of Inverting Gradients, restarts; the
+/// best images by matching objective are kept.
+pub fn descend(
+    vit: &VitConfig,
+    b: usize,
+    config: &OptimisationConfig,
+    start: Option<&[f32]>,
+    mut evaluate: impl FnMut(&[f32]) -> Result<(f64, Vec<f32>)>,
+    mut progress: impl FnMut(usize, f64),
+) -> Result<Optimised> {
+    let started = Instant::now();
+    let (c, s) = (vit.channels, vit.image_size);
+    let per = c * s * s;
     let mut rng = mjp::Seed(config.seed).child("attack-init", 0).rng();
     let mut best: Option<(f64, Vec<f32>)> = None;
     let mut restart_objectives = Vec::new();
@@ -207,26 +241,24 @@ pub fn optimise_from(
             .collect();
         let (mut m, mut v2) = (vec![0f64; x.len()], vec![0f64; x.len()]);
         let mut restart_best: Option<(f64, Vec<f32>)> = None;
-        for it in 0..iters {
-            let g = victim.parameter_gradient(&x, labels, plan.as_ref());
-            let (matching, dg) = config
-                .objective
-                .evaluate(&g, &target, 1..1 + vit.num_patches());
+        for it in 0..=iters {
+            let (matching, mut grad) = evaluate(&x)?;
             if restart_best.as_ref().is_none_or(|(f, _)| matching < *f) {
                 restart_best = Some((matching, x.clone()));
             }
-            let mut grad = jacobian_transpose_vector(
-                &victim,
-                &x,
-                labels,
-                plan.as_ref(),
-                &dg,
-                config.fd_scale,
-            )?;
+            if it == iters {
+                break;
+            }
             if config.tv_weight > 0.0 {
                 let (_, dtv) = total_variation(&x, c, s);
                 for (gx, t) in grad.iter_mut().zip(dtv) {
                     *gx += (config.tv_weight as f32) * t;
+                }
+            }
+            if let Some(x0) = start.filter(|_| config.prior_weight > 0.0) {
+                let w = 2.0 * config.prior_weight / x.len() as f64;
+                for ((gx, a), b) in grad.iter_mut().zip(&x).zip(x0) {
+                    *gx += (w * (f64::from(*a) - f64::from(*b))) as f32;
                 }
             }
             let lr =
@@ -248,13 +280,6 @@ pub fn optimise_from(
                 tracing::debug!("attack iteration {it}: matching objective {matching:.6}, lr {lr}");
             }
             progress(it, matching);
-        }
-        let g = victim.parameter_gradient(&x, labels, plan.as_ref());
-        let (last, _) = config
-            .objective
-            .evaluate(&g, &target, 1..1 + vit.num_patches());
-        if restart_best.as_ref().is_none_or(|(f, _)| last < *f) {
-            restart_best = Some((last, x));
         }
         let (f, xb) = restart_best.expect("at least one iteration");
         restart_objectives.push(f);
@@ -341,6 +366,9 @@ impl OptimisationConfig {
         {
             self.objective.embed_weight = v;
         }
+        if let Some(v) = s.prior_weight {
+            self.prior_weight = v;
+        }
         if let Some(v) = s.restarts {
             self.restarts = v;
         }
@@ -386,7 +414,7 @@ impl Attack for OptimisationAttack {
         let start = knowledge
             .mean_image
             .filter(|m| self.config.init_mean_image && m.len() == per)
-            .map(|m| m.repeat(case.batch_size));
+            .map(|m| m.repeat(knowledge.labels.len()));
         optimise_from(
             case,
             knowledge.labels,

@@ -39,6 +39,9 @@ pub struct UpdateRecord {
     pub batch_size: u32,
     /// Local steps.
     pub local_steps: u32,
+    /// Examples the update covers (0 in records written before it was kept).
+    #[serde(default)]
+    pub num_examples: u64,
     /// MJP shuffle ratio of the round.
     pub shuffle_ratio: f64,
     /// PE mode of the model.

@@ -163,7 +163,7 @@ impl Recorder {
         mjp::fsutil::write_atomic(&json_path, &json)?;
         let (c, s) = shape;
         let per = c * s * s;
-        let rows = (record.batch_size.max(1) as usize).min(8);
+        let rows = record.recovered_labels.len().clamp(1, 8);
         let blank = vec![0.5f32; per * rows];
         let mut columns: Vec<Column<'_>> = Vec::new();
         if let Some(t) = truth {
@@ -172,9 +172,25 @@ impl Recorder {
             });
             columns.push(Column { images: &t.seen });
         }
-        for i in images {
+        // Row j of an attack's column shows the reconstruction matched to original j (the
+        // attacks return images in label order).
+        let aligned: Vec<Option<Vec<f32>>> = images
+            .iter()
+            .zip(&record.attacks)
+            .map(|(i, a)| {
+                let (i, scores) = (i.as_ref()?, a.scores.as_ref()?);
+                let mut out = vec![0.5f32; per * rows];
+                for (r, &j) in scores.assignment.iter().enumerate() {
+                    if j < rows && (r + 1) * per <= i.len() {
+                        out[j * per..(j + 1) * per].copy_from_slice(&i[r * per..(r + 1) * per]);
+                    }
+                }
+                Some(out)
+            })
+            .collect();
+        for (i, a) in images.iter().zip(&aligned) {
             columns.push(Column {
-                images: i.as_deref().unwrap_or(&blank),
+                images: a.as_deref().or(i.as_deref()).unwrap_or(&blank),
             });
         }
         write_grid(&self.layout.picture(round, client), &columns, c, s, rows)?;

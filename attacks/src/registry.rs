@@ -4,17 +4,19 @@
 use crate::attack::{Attack, Registration};
 use crate::error::{AttackError, Result};
 use crate::settings::AdversarySettings;
-use crate::{april, baseline, optimise};
+use crate::{april, baseline, fedavg, fill, optimise};
 
 /// Every attack, in the order `--help` lists them.
 pub const ATTACKS: &[Registration] = &[
     april::APRIL,
     april::APRIL_MJP,
+    fill::APRIL_MJP_IG,
     optimise::IG,
     optimise::IG_PE,
     optimise::IG_PE_ADAPTIVE,
     optimise::DLG,
     optimise::DLG_PE,
+    fedavg::FEDAVG_IG,
     baseline::MEAN_IMAGE,
 ];
 

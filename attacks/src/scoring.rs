@@ -29,13 +29,20 @@ impl GroundTruth {
         let [c, s, _] = record.image_shape;
         let per = c * s * s;
         let b = record.labels.len();
+        let first_batch = match record.first_batch {
+            0 => b,
+            n => n,
+        };
         let mut seen = Vec::with_capacity(record.images.len());
         for i in 0..b {
             let img = &record.images[i * per..(i + 1) * per];
+            // The jigsaw is recorded for the first step only: images beyond it (FedAvg) are
+            // compared as they are.
             let plan = match record.plan_sources.len() {
                 0 => None,
-                1 => Some(0),
-                _ => Some(i),
+                1 if i < first_batch => Some(0),
+                k if i < k.min(first_batch) => Some(i),
+                _ => None,
             };
             match plan {
                 Some(k) => {

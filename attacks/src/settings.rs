@@ -26,6 +26,10 @@ pub struct AdversarySettings {
     pub embed_weight: Option<f64>,
     /// Restarts of optimisation attacks (the best by objective is kept).
     pub restarts: Option<usize>,
+    /// Weight of the Gaussian image prior of optimisation attacks: `w |x - x_0|^2 / pixels`
+    /// towards their starting image (the public mean image, or what an earlier stage
+    /// recovered); an attack that learns nothing then stays at the mean image.
+    pub prior_weight: Option<f64>,
     /// Plain instead of signed Adam in optimisation attacks.
     pub unsigned: bool,
     /// Start optimisation attacks from noise instead of the public mean image plus noise.
@@ -46,6 +50,7 @@ impl Default for AdversarySettings {
             pe_weight: None,
             embed_weight: None,
             restarts: None,
+            prior_weight: None,
             unsigned: false,
             init_noise: false,
             save_updates: false,

@@ -19,6 +19,8 @@ pub struct AttackStats {
     pub median_psnr: f64,
     /// Median over every scored image (not update) of its PSNR.
     pub median_image_psnr: f64,
+    /// Fraction of scored images recovered above [`RECOVERED_DB`] PSNR.
+    pub recovered_fraction: f64,
     /// Mean SSIM against the originals.
     pub mean_ssim: f64,
     /// Mean PSNR against what the model saw.
@@ -30,6 +32,10 @@ pub struct AttackStats {
     /// Why it did not run, when it was skipped somewhere (the first reason).
     pub skipped: Option<String>,
 }
+
+/// The PSNR above which an image counts as recovered (the literature's usual threshold: the
+/// subject is recognisable).
+pub const RECOVERED_DB: f64 = 20.0;
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
@@ -75,6 +81,12 @@ pub fn per_attack(records: &[UpdateRecord]) -> Vec<AttackStats> {
                         .iter()
                         .flat_map(|s| s.vs_original.iter().map(|x| x.psnr))
                         .collect(),
+                ),
+                recovered_fraction: mean(
+                    scores
+                        .iter()
+                        .flat_map(|s| s.vs_original.iter())
+                        .map(|x| f64::from(u8::from(x.psnr > RECOVERED_DB))),
                 ),
                 mean_ssim: mean(scores.iter().map(|s| s.mean_ssim)),
                 mean_psnr_seen: mean(scores.iter().map(|s| s.mean_psnr_seen)),

@@ -3,6 +3,7 @@
 //! with the model goes through here: gradients with respect to parameters (what a candidate
 //! input would have sent), with respect to the input, and the DAL term's own gradient.
 
+use mjp::burn::optim::GradientsParams;
 use mjp::burn::tensor::{Device, Tensor, TensorData};
 use mjp::jigsaw::JigsawPlan;
 use mjp::params::NamedTensors;
@@ -46,7 +47,11 @@ impl Victim {
     pub fn at(&self, direction: &NamedTensors, scale: f32) -> Result<Self> {
         let mut shifted = direction.clone();
         shifted.scale(scale);
-        let params = self.params.add(&shifted)?;
+        self.with_params(self.params.add(&shifted)?)
+    }
+
+    /// The same model at the weights `params`, reusing this one.
+    pub fn with_params(&self, params: NamedTensors) -> Result<Self> {
         let model = params.load_into(self.model.clone(), None)?;
         Ok(Self {
             vit: self.vit.clone(),
@@ -104,6 +109,32 @@ impl Victim {
             .map(|g| mjp::params::tensor_values(&g))
             .unwrap_or_else(|| vec![0.0; images.len()]);
         (value, dx)
+    }
+
+    /// The parameter gradient and `dL/dx` at `images`, from one backward pass.
+    pub fn gradients(
+        &self,
+        images: &[f32],
+        labels: &[u32],
+        plan: Option<&JigsawPlan>,
+    ) -> (NamedTensors, Vec<f32>) {
+        let batch = self.batch(images, labels);
+        let x = batch.images.clone().require_grad();
+        let loss = objective(
+            &self.model,
+            x.clone(),
+            batch.labels.clone(),
+            plan,
+            self.lambda,
+            false,
+        );
+        let grads = loss.total.backward();
+        let dx = x
+            .grad(&grads)
+            .map(|g| mjp::params::tensor_values(&g))
+            .unwrap_or_else(|| vec![0.0; images.len()]);
+        let params = GradientsParams::from_grads(grads, &self.model);
+        (NamedTensors::gradients_of(&self.model, &params), dx)
     }
 
     /// `lambda * dDAL/dE` for the PE table (rows x D, row-major), with `plan`'s occlusion.

@@ -66,6 +66,7 @@ fn case(vit: &VitConfig, image: &[f32], label: u32, ratio: f64) -> AttackCase {
         kind: UpdateKind::FedSgd,
         batch_size: 1,
         local_steps: 1,
+        num_examples: 1,
         device: mjp::DeviceSpec::Flex,
     }
 }

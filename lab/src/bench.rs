@@ -234,6 +234,7 @@ pub fn attack_speed(args: &AttackBench) -> Result<()> {
         kind: UpdateKind::FedSgd,
         batch_size: 1,
         local_steps: 1,
+        num_examples: 1,
         device: DeviceSpec::Flex,
     };
     let config = OptimisationConfig {

@@ -1,7 +1,8 @@
 //! Single cases studied offline (`mjpfl attack`): attack a saved update (from an adversary run
-//! with `save_updates`) against the checkpoint it was computed from, or make FedSGD updates from
-//! real images (an image file, or N images of a dataset) with a model and an MJP setting, and
-//! attack each. Results land in a run-directory layout under the output directory.
+//! with `save_updates`) against the checkpoint it was computed from, or make updates from real
+//! images (an image file, or N images of a dataset) with a model and an MJP setting, and attack
+//! each: FedSGD gradients of one batch, or FedAvg deltas of clients of n images training a few
+//! local epochs of SGD. Results land in a run-directory layout under the output directory.
 
 use std::path::PathBuf;
 
@@ -45,6 +46,18 @@ pub enum ImageSource {
     },
 }
 
+/// The local training of made FedAvg updates: plain SGD, the regime the FedAvg-aware attack
+/// simulates (cross-device clients).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LocalTraining {
+    /// Images per client.
+    pub client_size: usize,
+    /// Local epochs.
+    pub epochs: u32,
+    /// Client learning rate.
+    pub lr: f64,
+}
+
 /// An offline attack job.
 #[derive(Clone, Debug)]
 pub struct OfflineJob {
@@ -58,6 +71,9 @@ pub struct OfflineJob {
     pub ratio: f64,
     /// Batch size of made updates.
     pub batch: usize,
+    /// Made updates are FedAvg deltas of clients that train locally (else FedSGD gradients of
+    /// one batch each).
+    pub fedavg: Option<LocalTraining>,
     /// DAL weight of made updates.
     pub dal_lambda: f64,
     /// Seed (model init, jigsaws).
@@ -129,15 +145,26 @@ pub fn run_offline(
                     .conform(vit.channels, vit.image_size)?,
             };
             let b = job.batch.max(1);
+            let per_client = job.fedavg.map_or(b, |f| f.client_size.max(1));
+            if job.fedavg.is_some() && data.len() < per_client {
+                return Err(crate::error::LabError::Message(format!(
+                    "{} images cannot fill one client of {per_client}",
+                    data.len()
+                )));
+            }
             let audit = run.audit();
-            for (k, chunk) in (0..data.len()).collect::<Vec<_>>().chunks(b).enumerate() {
+            // Whole clients only: a FedAvg client smaller than the others would be another regime.
+            let usable = data.len() - data.len() % per_client;
+            let indices: Vec<usize> = (0..usable).collect();
+            for (k, chunk) in indices.chunks(per_client).enumerate() {
                 let part = data.subset(chunk);
-                let rc = RoundConfig::fedsgd(
-                    b as u32,
-                    job.ratio,
-                    job.dal_lambda,
-                    Seed(job.seed).child("attack-case", k as u64).0,
-                );
+                let seed = Seed(job.seed).child("attack-case", k as u64).0;
+                let mut rc = RoundConfig::fedsgd(b as u32, job.ratio, job.dal_lambda, seed);
+                if let Some(f) = job.fedavg {
+                    rc.update_kind = mjp::fl::UpdateKind::FedAvg;
+                    rc.local_epochs = f.epochs.max(1);
+                    rc.learning_rate = f.lr;
+                }
                 let client = format!("case-{k:03}");
                 let local = local_update(&model, &part, 0, 0, &client, &rc, &device)?;
                 mjpfl_client::runner::write_audit(&audit, &local.audit)?;

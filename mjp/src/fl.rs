@@ -205,10 +205,16 @@ pub struct AuditRecord {
     pub client_id: String,
     /// Image shape `[C, H, W]`.
     pub image_shape: [usize; 3],
-    /// Pixels in [0, 1] of the first local batch, CHW per image.
+    /// Pixels in [0, 1], CHW per image, of the local examples in training order: the first
+    /// local batch, then (FedAvg) the client's further examples, at most [`AUDIT_MAX_IMAGES`]
+    /// in all (a FedAvg attack on a small client reconstructs every one of them).
     pub images: Vec<f32>,
     /// Their labels.
     pub labels: Vec<u32>,
+    /// How many of them were the first local batch, which the jigsaw fields describe (0 in
+    /// records written before further examples were kept: all of them).
+    #[serde(default)]
+    pub first_batch: usize,
     /// Jigsaw of the first local step: per sample (or one shared) source index per position.
     pub plan_sources: Vec<Vec<usize>>,
     /// Jigsaw of the first local step: occluded positions.
@@ -216,6 +222,9 @@ pub struct AuditRecord {
     /// Local steps behind the update.
     pub local_steps: u32,
 }
+
+/// The most local examples an audit record keeps (beyond the first batch, which it always keeps).
+pub const AUDIT_MAX_IMAGES: usize = 64;
 
 /// The result of local training.
 pub struct LocalResult {
@@ -294,6 +303,15 @@ pub fn local_update(
             }
         }
     }
+    let mut audit = audit.expect("at least one step");
+    if config.update_kind == UpdateKind::FedAvg {
+        // The client's further examples, in the order it trained on them (no randomness drawn:
+        // the training above is unchanged).
+        for &i in order.iter().take(AUDIT_MAX_IMAGES).skip(batch_size) {
+            audit.images.extend(data.image(i));
+            audit.labels.push(data.labels[i]);
+        }
+    }
     let tensors = match gradient {
         Some(g) => g,
         None => NamedTensors::from_module(&model).sub(&global_values)?,
@@ -324,7 +342,7 @@ pub fn local_update(
         },
         audit: AuditRecord {
             local_steps: steps as u32,
-            ..audit.expect("at least one step")
+            ..audit
         },
     })
 }
@@ -353,6 +371,7 @@ fn audit_record(
         image_shape: [vit.channels, vit.image_size, vit.image_size],
         images: pixels.to_vec(),
         labels: labels.to_vec(),
+        first_batch: labels.len(),
         plan_sources: plans.iter().map(|p| p.sources.clone()).collect(),
         plan_occluded: plans.iter().map(|p| p.occluded.clone()).collect(),
         local_steps: 0,

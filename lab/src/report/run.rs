@@ -80,8 +80,8 @@ fn write_attack_section(run: &RunLayout, md: &mut String) -> Result<()> {
          column, against the shuffled image the model actually saw); higher = more leakage.\n",
         records.len(),
         if pseudo {
-            " (FedAvg weight deltas, attacked as pseudo-gradients: -delta / (lr x steps); the \
-             closed-form and optimisation attacks are exact only for single-step gradients)"
+            " (FedAvg weight deltas: `fedavg-ig` simulates the client's local steps, the other \
+             attacks match the pseudo-gradient -delta / (lr x steps), exact only for one step)"
         } else {
             ""
         }
@@ -95,20 +95,30 @@ fn write_attack_section(run: &RunLayout, md: &mut String) -> Result<()> {
     }
     writeln!(
         md,
-        "| attack | updates scored | mean PSNR (dB) | median PSNR | mean SSIM | PSNR vs what the model saw |"
+        "| attack | updates scored | mean PSNR (dB) | median PSNR | images > 20 dB | mean SSIM | PSNR vs what the model saw |"
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
-    for s in per_attack(&records) {
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    let stats = per_attack(&records);
+    for s in stats.iter().cloned() {
         if s.scored == 0 {
             let why = s.skipped.unwrap_or_else(|| "no audit record".into());
-            writeln!(md, "| {} | 0 | - | - | - | - ({why}) |", s.attack)?;
+            writeln!(md, "| {} | 0 | - | - | - | - | - ({why}) |", s.attack)?;
             continue;
         }
         writeln!(
             md,
-            "| {} | {} | {:.2} | {:.2} | {:.3} | {:.2} |",
-            s.attack, s.scored, s.mean_psnr, s.median_psnr, s.mean_ssim, s.mean_psnr_seen,
+            "| {} | {} | {:.2} | {:.2} | {:.0}% | {:.3} | {:.2} |",
+            s.attack,
+            s.scored,
+            s.mean_psnr,
+            s.median_psnr,
+            100.0 * s.recovered_fraction,
+            s.mean_ssim,
+            s.mean_psnr_seen,
         )?;
+    }
+    if let Some(verdict) = mjpfl_attacks::regime::verdict(&records, &stats) {
+        writeln!(md, "\n{verdict}")?;
     }
     if let Some(first) = records.first() {
         let png = AttacksLayout::picture_link(first.round, &first.client_id);

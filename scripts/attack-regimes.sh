@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The per-regime attack tables of docs/results/README.md (issue 14): FedSGD batches and FedAvg
+# clients (the FedAvg-aware attack against the pseudo-gradient attack and the mean image), on
+# real Fashion-MNIST test images with vit-micro-28 at initialisation, for each PE mode.
+# Usage: scripts/attack-regimes.sh [OUT_DIR]        (default docs/results/attack-regimes)
+#   ITER=300 (optimisation iterations; ITER50=200 for the 50-image clients), ONLY=<case regex>,
+#   MJPFL_BIN=target/release/mjpfl
+# Each case writes OUT_DIR/<case>.txt (the printed table and the exact command, with its wall
+# time); pictures stay under runs/attack-regimes/. Cases already written are skipped.
+# Every optimisation attack runs with total variation 5e-2 (batches need a stronger prior than
+# the 1e-4 of the batch-1 table).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${1:-docs/results/attack-regimes}"
+bin="${MJPFL_BIN:-target/release/mjpfl}"
+iter="${ITER:-300}"
+only="${ONLY:-.}"
+work=runs/attack-regimes
+mkdir -p "$out" "$work"
+
+run() { # run <case> <mjpfl attack args...>
+  local name="$1"; shift
+  [[ "$name" =~ $only ]] || return 0
+  if [[ -s "$out/$name.txt" ]]; then echo "[attack-regimes] $name: done already"; return; fi
+  echo "[attack-regimes] $name"
+  local t0=$SECONDS
+  "$bin" attack --out "$work/$name" "$@" 2>/dev/null | grep -v '^case-' > "$out/$name.txt.tmp"
+  echo "command: mjpfl attack $* ($((SECONDS - t0)) s)" >> "$out/$name.txt.tmp"
+  mv "$out/$name.txt.tmp" "$out/$name.txt"
+  cat "$out/$name.txt"
+}
+
+fmnist=(--images fashion-mnist --split test --preset vit-micro-28 --attack-iterations "$iter" --attack-tv 5e-2)
+pe_modes=("learned" "mjp --ratio 0.1" "mjp --ratio 0.25" "mjp --ratio 0.5" "naive-shuffle" "none")
+tag() { echo "$1" | sed 's/ --ratio //'; }
+attacks_for() { # the attacks that apply to a PE mode (MJP also gets the MJP-aware ones)
+  case "$1" in
+    mjp*) echo "april,april-mjp,april-mjp-ig,ig-pe,ig-pe-adaptive,mean-image" ;;
+    none) echo "ig-pe,mean-image" ;;
+    *) echo "april,ig-pe,mean-image" ;;
+  esac
+}
+
+# FedAvg, plain local SGD at the cross-device learning rate (examples/cross-device.toml).
+# Small clients: 8 images, batch 4, 2 epochs (4 local steps); 2 clients.
+for pe in "learned" "mjp --ratio 0.1" "mjp --ratio 0.5"; do
+  # shellcheck disable=SC2086
+  run "fedavg-n8-b4-e2-$(tag "$pe")" "${fmnist[@]}" --count 16 --pe $pe --fedavg-epochs 2 \
+    --client-size 8 --batch 4 --local-lr 0.05 --attacks fedavg-ig,ig-pe,mean-image
+done
+# Cross-device clients: 50 images, batch 10, 1 epoch (5 local steps); 1 client.
+for pe in "learned" "mjp --ratio 0.1" "mjp --ratio 0.5"; do
+  # shellcheck disable=SC2086
+  run "fedavg-n50-b10-e1-$(tag "$pe")" "${fmnist[@]}" --count 50 --pe $pe --fedavg-epochs 1 \
+    --attack-iterations "${ITER50:-200}" \
+    --client-size 50 --batch 10 --local-lr 0.05 --attacks fedavg-ig,ig-pe,mean-image
+done
+
+# FedSGD: one gradient per batch of B images (10 images at B = 1, 12 at B = 4, 16 at 8 and 16).
+for b in 1 4 8 16; do
+  count=16; [[ $b -eq 1 ]] && count=10; [[ $b -eq 4 ]] && count=12
+  for pe in "${pe_modes[@]}"; do
+    # shellcheck disable=SC2086
+    run "fedsgd-b$b-$(tag "$pe")" "${fmnist[@]}" --count "$count" --batch "$b" --pe $pe \
+      --attacks "$(attacks_for "$pe")"
+  done
+done
+
