@@ -18,17 +18,8 @@ only="${ONLY:-.}"
 work=runs/attack-regimes
 mkdir -p "$out" "$work"
 
-run() { # run <case> <mjpfl attack args...>
-  local name="$1"; shift
-  [[ "$name" =~ $only ]] || return 0
-  if [[ -s "$out/$name.txt" ]]; then echo "[attack-regimes] $name: done already"; return; fi
-  echo "[attack-regimes] $name"
-  local t0=$SECONDS
-  "$bin" attack --out "$work/$name" "$@" 2>/dev/null | grep -v '^case-' > "$out/$name.txt.tmp"
-  echo "command: mjpfl attack $* ($((SECONDS - t0)) s)" >> "$out/$name.txt.tmp"
-  mv "$out/$name.txt.tmp" "$out/$name.txt"
-  cat "$out/$name.txt"
-}
+# shellcheck source=scripts/attack-run.sh
+source scripts/attack-run.sh
 
 fmnist=(--images fashion-mnist --split test --preset vit-micro-28 --attack-iterations "$iter" --attack-tv 5e-2)
 pe_modes=("learned" "mjp --ratio 0.1" "mjp --ratio 0.25" "mjp --ratio 0.5" "naive-shuffle" "none")

@@ -12,16 +12,8 @@ bin="${MJPFL_BIN:-target/release/mjpfl}"
 work=runs/attack-table
 mkdir -p "$out" "$work"
 
-run() { # run <case> <mjpfl attack args...>
-  local name="$1"; shift
-  if [[ -s "$out/$name.txt" ]]; then echo "[attack-table] $name: done already"; return; fi
-  echo "[attack-table] $name"
-  local t0=$SECONDS
-  "$bin" attack --out "$work/$name" "$@" 2>/dev/null | grep -v '^case-' > "$out/$name.txt.tmp"
-  echo "command: mjpfl attack $* ($((SECONDS - t0)) s)" >> "$out/$name.txt.tmp"
-  mv "$out/$name.txt.tmp" "$out/$name.txt"
-  tail -n +1 "$out/$name.txt"
-}
+# shellcheck source=scripts/attack-run.sh
+source scripts/attack-run.sh
 
 cifar=(--images folder:data/attack-targets/cifar10 --count 20 --preset vit-tiny-32)
 fmnist=(--images fashion-mnist --split test --count 20 --preset vit-micro-28)

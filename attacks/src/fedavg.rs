@@ -333,12 +333,7 @@ impl Attack for FedAvgAttack {
     }
 
     fn reconstruct(&self, case: &AttackCase, knowledge: &Knowledge<'_>) -> Result<Reconstruction> {
-        let vit = &case.vit;
-        let per = vit.channels * vit.image_size * vit.image_size;
-        let start = knowledge
-            .mean_image
-            .filter(|m| self.config.init_mean_image && m.len() == per)
-            .map(|m| m.repeat(knowledge.labels.len()));
+        let start = self.config.start(case, knowledge);
         fedavg_inversion(
             case,
             knowledge.labels,

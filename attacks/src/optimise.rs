@@ -346,6 +346,17 @@ pub const DLG_PE: Registration = Registration {
 };
 
 impl OptimisationConfig {
+    /// Where the descent starts: the public mean image for every sample when this
+    /// configuration starts there and the adversary has it (else breaching's initialisation).
+    pub fn start(&self, case: &AttackCase, knowledge: &Knowledge<'_>) -> Option<Vec<f32>> {
+        let vit = &case.vit;
+        let per = vit.channels * vit.image_size * vit.image_size;
+        knowledge
+            .mean_image
+            .filter(|m| self.init_mean_image && m.len() == per)
+            .map(|m| m.repeat(knowledge.labels.len()))
+    }
+
     /// This configuration with the adversary's overrides applied (the PE and embedding weights
     /// only where the attack has a PE term).
     pub fn with_settings(mut self, s: &AdversarySettings) -> Self {
@@ -409,12 +420,7 @@ impl Attack for OptimisationAttack {
     }
 
     fn reconstruct(&self, case: &AttackCase, knowledge: &Knowledge<'_>) -> Result<Reconstruction> {
-        let vit = &case.vit;
-        let per = vit.channels * vit.image_size * vit.image_size;
-        let start = knowledge
-            .mean_image
-            .filter(|m| self.config.init_mean_image && m.len() == per)
-            .map(|m| m.repeat(knowledge.labels.len()));
+        let start = self.config.start(case, knowledge);
         optimise_from(
             case,
             knowledge.labels,

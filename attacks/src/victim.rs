@@ -92,6 +92,29 @@ impl Victim {
         labels: &[u32],
         plan: Option<&JigsawPlan>,
     ) -> (f64, Vec<f32>) {
+        let (value, dx, _) = self.backward(images, labels, plan);
+        (value, dx)
+    }
+
+    /// The parameter gradient and `dL/dx` at `images`, from one backward pass.
+    pub fn gradients(
+        &self,
+        images: &[f32],
+        labels: &[u32],
+        plan: Option<&JigsawPlan>,
+    ) -> (NamedTensors, Vec<f32>) {
+        let (_, dx, grads) = self.backward(images, labels, plan);
+        let params = GradientsParams::from_grads(grads, &self.model);
+        (NamedTensors::gradients_of(&self.model, &params), dx)
+    }
+
+    /// One backward pass of the round's objective at `images`: loss, `dL/dx`, every gradient.
+    fn backward(
+        &self,
+        images: &[f32],
+        labels: &[u32],
+        plan: Option<&JigsawPlan>,
+    ) -> (f64, Vec<f32>, mjp::burn::tensor::Gradients) {
         let batch = self.batch(images, labels);
         let x = batch.images.clone().require_grad();
         let loss = objective(
@@ -108,33 +131,7 @@ impl Victim {
             .grad(&grads)
             .map(|g| mjp::params::tensor_values(&g))
             .unwrap_or_else(|| vec![0.0; images.len()]);
-        (value, dx)
-    }
-
-    /// The parameter gradient and `dL/dx` at `images`, from one backward pass.
-    pub fn gradients(
-        &self,
-        images: &[f32],
-        labels: &[u32],
-        plan: Option<&JigsawPlan>,
-    ) -> (NamedTensors, Vec<f32>) {
-        let batch = self.batch(images, labels);
-        let x = batch.images.clone().require_grad();
-        let loss = objective(
-            &self.model,
-            x.clone(),
-            batch.labels.clone(),
-            plan,
-            self.lambda,
-            false,
-        );
-        let grads = loss.total.backward();
-        let dx = x
-            .grad(&grads)
-            .map(|g| mjp::params::tensor_values(&g))
-            .unwrap_or_else(|| vec![0.0; images.len()]);
-        let params = GradientsParams::from_grads(grads, &self.model);
-        (NamedTensors::gradients_of(&self.model, &params), dx)
+        (value, dx, grads)
     }
 
     /// `lambda * dDAL/dE` for the PE table (rows x D, row-major), with `plan`'s occlusion.
