@@ -181,6 +181,12 @@ impl Adversary {
             batch_size: observed.update.batch_size,
             local_steps: observed.update.local_steps,
             num_examples: observed.update.num_examples,
+            local_optimizer: match (observed.update.kind, observed.config.local_optimizer) {
+                (mjp::fl::UpdateKind::FedSgd, _) => String::new(),
+                (_, mjp::train::OptimizerKind::Sgd { momentum: 0.0 }) => "sgd".into(),
+                (_, mjp::train::OptimizerKind::Sgd { .. }) => "sgd-momentum".into(),
+                (_, mjp::train::OptimizerKind::AdamW { .. }) => "adamw".into(),
+            },
             shuffle_ratio: observed.config.shuffle_ratio,
             pe: self.vit.pe.to_string(),
             recovered_labels: labels,

@@ -42,6 +42,10 @@ pub struct UpdateRecord {
     /// Examples the update covers (0 in records written before it was kept).
     #[serde(default)]
     pub num_examples: u64,
+    /// The clients' local optimiser of FedAvg rounds (`sgd`, `sgd-momentum`, `adamw`; empty for
+    /// FedSGD and in older records).
+    #[serde(default)]
+    pub local_optimizer: String,
     /// MJP shuffle ratio of the round.
     pub shuffle_ratio: f64,
     /// PE mode of the model.

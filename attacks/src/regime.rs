@@ -55,8 +55,9 @@ pub fn expectation(r: &UpdateRecord, fedavg_skip: Option<&str>) -> Expectation {
             },
         };
     }
+    let plain_sgd = matches!(r.local_optimizer.as_str(), "sgd" | "");
     match fedavg_skip {
-        None if n as usize <= MAX_FEDAVG_IMAGES && n > 0 => Expectation {
+        None if plain_sgd && n as usize <= MAX_FEDAVG_IMAGES && n > 0 => Expectation {
             strongest: vec!["fedavg-ig", "ig-pe"],
             expected: true,
             why: format!(
@@ -70,20 +71,30 @@ pub fn expectation(r: &UpdateRecord, fedavg_skip: Option<&str>) -> Expectation {
             strongest: vec!["ig-pe"],
             expected: false,
             why: format!(
-                "FedAvg deltas of {steps} local steps of batch {b}{}: attacks here only match \
+                "FedAvg deltas of {steps} local {}steps of batch {b}{}: attacks here only match \
                  the delta as one pseudo-gradient{}. **No attack in this tool is expected to \
                  recover images from such updates, so figures at the mean-image baseline say \
                  nothing about what the position embedding protects.** To measure that, run a \
                  regime where attacks work: FedSGD (`--update-kind fedsgd`) or the cross-device \
                  regime (`examples/cross-device.toml`, attacks `fedavg-ig,ig-pe,mean-image`).",
+                match r.local_optimizer.as_str() {
+                    "adamw" => "AdamW ",
+                    "sgd-momentum" => "momentum-SGD ",
+                    _ => "",
+                },
                 if n > 0 {
                     format!(" over {n} examples")
                 } else {
                     String::new()
                 },
-                skip.map_or(String::new(), |why| format!(
-                    ", and the FedAvg-aware attack does not apply ({why})"
-                ))
+                match skip {
+                    Some(why) => format!(", and the FedAvg-aware attack does not apply ({why})"),
+                    None if !plain_sgd || n as usize > MAX_FEDAVG_IMAGES => format!(
+                        ", and the FedAvg-aware attack (`fedavg-ig`) simulates only plain-SGD \
+                         clients of at most {MAX_FEDAVG_IMAGES} examples"
+                    ),
+                    None => String::new(),
+                }
             ),
         },
     }
@@ -163,6 +174,11 @@ mod tests {
             batch_size: batch,
             local_steps: steps,
             num_examples: n,
+            local_optimizer: if kind == "fedavg" {
+                "sgd".into()
+            } else {
+                String::new()
+            },
             shuffle_ratio: 0.1,
             pe: "mjp".into(),
             recovered_labels: vec![],
@@ -174,21 +190,22 @@ mod tests {
 
     #[test]
     fn the_main_jobs_regime_is_said_to_be_out_of_reach() {
-        let e = expectation(
-            &record("fedavg", 32, 120, 6000),
-            Some("the clients train with AdamW"),
-        );
-        assert!(!e.expected);
-        assert!(
-            e.why.contains("No attack in this tool is expected"),
-            "{}",
-            e.why
-        );
-        assert!(
-            e.why.contains("AdamW") && e.why.contains("6000"),
-            "{}",
-            e.why
-        );
+        let mut main_job = record("fedavg", 32, 120, 6000);
+        main_job.local_optimizer = "adamw".into();
+        for skip in [None, Some("the clients train with AdamW")] {
+            let e = expectation(&main_job, skip);
+            assert!(!e.expected);
+            assert!(
+                e.why.contains("No attack in this tool is expected"),
+                "{}",
+                e.why
+            );
+            assert!(
+                e.why.contains("AdamW") && e.why.contains("6000"),
+                "{}",
+                e.why
+            );
+        }
     }
 
     #[test]

@@ -74,16 +74,26 @@ fn write_attack_section(run: &RunLayout, md: &mut String) -> Result<()> {
         return Ok(());
     }
     let pseudo = records.iter().any(|r| r.pseudo_gradient);
+    let fedavg_aware = records
+        .iter()
+        .flat_map(|r| &r.attacks)
+        .any(|a| a.attack == "fedavg-ig");
     writeln!(
         md,
         "{} updates attacked{}. PSNR/SSIM are against the original private image (and, in the last \
          column, against the shuffled image the model actually saw); higher = more leakage.\n",
         records.len(),
-        if pseudo {
-            " (FedAvg weight deltas: `fedavg-ig` simulates the client's local steps, the other \
-             attacks match the pseudo-gradient -delta / (lr x steps), exact only for one step)"
-        } else {
-            ""
+        match (pseudo, fedavg_aware) {
+            (true, true) => {
+                " (FedAvg weight deltas: `fedavg-ig` simulates the client's local steps, the \
+                 other attacks match the pseudo-gradient -delta / (lr x steps), exact only for \
+                 one step)"
+            }
+            (true, false) => {
+                " (FedAvg weight deltas, matched as the pseudo-gradient -delta / (lr x steps), \
+                 exact only for one step)"
+            }
+            _ => "",
         }
     )?;
     if let Some((accuracy, n)) = label_recovery(&records) {
