@@ -21,7 +21,8 @@ mkdir -p "$out" "$work"
 # shellcheck source=scripts/attack-run.sh
 source scripts/attack-run.sh
 
-fmnist=(--images fashion-mnist --split test --preset vit-micro-28 --attack-iterations "$iter" --attack-tv 5e-2)
+images=(--images fashion-mnist --split test --preset vit-micro-28 --attack-tv 5e-2)
+fmnist=("${images[@]}" --attack-iterations "$iter")
 pe_modes=("learned" "mjp --ratio 0.1" "mjp --ratio 0.25" "mjp --ratio 0.5" "naive-shuffle" "none")
 tag() { echo "$1" | sed 's/ --ratio //'; }
 attacks_for() { # the attacks that apply to a PE mode (MJP also gets the MJP-aware ones)
@@ -42,7 +43,7 @@ done
 # Cross-device clients: 50 images, batch 10, 1 epoch (5 local steps); 1 client.
 for pe in "learned" "mjp --ratio 0.1" "mjp --ratio 0.5"; do
   # shellcheck disable=SC2086
-  run "fedavg-n50-b10-e1-$(tag "$pe")" "${fmnist[@]}" --count 50 --pe $pe --fedavg-epochs 1 \
+  run "fedavg-n50-b10-e1-$(tag "$pe")" "${images[@]}" --count 50 --pe $pe --fedavg-epochs 1 \
     --attack-iterations "${ITER50:-200}" \
     --client-size 50 --batch 10 --local-lr 0.05 --attacks fedavg-ig,ig-pe,mean-image
 done

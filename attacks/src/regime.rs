@@ -7,6 +7,10 @@ use crate::case::MAX_FEDAVG_IMAGES;
 use crate::record::UpdateRecord;
 use crate::stats::AttackStats;
 
+/// The largest FedAvg client on which `fedavg-ig` was measured to beat the mean image clearly
+/// enough to call it expected to succeed.
+const SMALL_CLIENT: u64 = 8;
+
 /// The baseline every attack is compared with.
 pub const BASELINE: &str = "mean-image";
 
@@ -59,12 +63,19 @@ pub fn expectation(r: &UpdateRecord, fedavg_skip: Option<&str>) -> Expectation {
     match fedavg_skip {
         None if plain_sgd && n as usize <= MAX_FEDAVG_IMAGES && n > 0 => Expectation {
             strongest: vec!["fedavg-ig", "ig-pe"],
-            expected: true,
+            expected: n <= SMALL_CLIENT,
             why: format!(
                 "FedAvg deltas of {steps} local SGD steps of batch {b} over {n} examples (the \
                  cross-device regime): the FedAvg-aware attack (`fedavg-ig`) simulates the \
-                 client's local training; it is expected to beat the mean image against a \
-                 learned position embedding on small clients (see docs/results, 'FedAvg')."
+                 client's local training. Measured against a learned position embedding it \
+                 stays close to the mean image: 1.6 dB above it on clients of 8 examples, 0.5 dB \
+                 on clients of 50 (docs/results, 'Attacks per regime'){}",
+                if n <= SMALL_CLIENT {
+                    "."
+                } else {
+                    ", so on clients this large a figure near the baseline is not evidence that \
+                     the position embedding protected anything."
+                }
             ),
         },
         skip => Expectation {
@@ -211,7 +222,9 @@ mod tests {
     #[test]
     fn small_clients_and_fedsgd_name_their_strongest_attack() {
         let e = expectation(&record("fedavg", 10, 5, 50), None);
-        assert!(e.expected && e.strongest[0] == "fedavg-ig");
+        assert!(!e.expected && e.strongest[0] == "fedavg-ig");
+        assert!(e.why.contains("not evidence"), "{}", e.why);
+        assert!(expectation(&record("fedavg", 4, 4, 8), None).expected);
         assert_eq!(
             expectation(&record("fedsgd", 1, 1, 1), None).strongest[0],
             "april"
