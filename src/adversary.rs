@@ -38,6 +38,10 @@ pub struct AttackArgs {
     /// Restarts of optimisation attacks (best by objective is kept).
     #[arg(long)]
     pub attack_restarts: Option<usize>,
+    /// Average the restarts of optimisation attacks (matched by the best assignment) instead of
+    /// keeping the best: group consistency's fusion step.
+    #[arg(long)]
+    pub attack_fuse_restarts: bool,
     /// Weight of the Gaussian prior towards the starting image (the public mean image) in
     /// optimisation attacks (default per attack).
     #[arg(long)]
@@ -80,6 +84,7 @@ impl AttackArgs {
             pe_weight: self.attack_pe_weight,
             embed_weight: self.attack_embed_weight,
             restarts: self.attack_restarts,
+            fuse_restarts: self.attack_fuse_restarts,
             prior_weight: self.attack_prior,
             unsigned: self.attack_unsigned,
             init_noise: self.attack_init_noise,

@@ -50,6 +50,19 @@ pub struct FederationOverrides {
     /// Constant MJP shuffle ratio (for schedules use the config file).
     #[arg(long)]
     pub ratio: Option<f64>,
+    /// Client defense: prune this fraction of each tensor's smallest entries before upload
+    /// (for schedules use `[defense]` in the config file).
+    #[arg(long)]
+    pub prune: Option<f64>,
+    /// Client defense: clip each update to this L2 norm before upload.
+    #[arg(long)]
+    pub clip_norm: Option<f64>,
+    /// Client defense: add Gaussian noise of this multiple of --clip-norm (local DP).
+    #[arg(long)]
+    pub noise_multiplier: Option<f64>,
+    /// The adversary sees only each round's sum of updates (the secure-aggregation view).
+    #[arg(long)]
+    pub secure_aggregation: bool,
     /// fedsgd or fedavg.
     #[arg(long)]
     pub update_kind: Option<UpdateKind>,
@@ -147,6 +160,18 @@ impl FederationOverrides {
         }
         if let Some(r) = self.ratio {
             c.shuffle = ShuffleSchedule::Constant { ratio: r };
+        }
+        if let Some(v) = self.prune {
+            c.defense.prune_fraction = v;
+        }
+        if let Some(v) = self.clip_norm {
+            c.defense.clip_norm = v;
+        }
+        if let Some(v) = self.noise_multiplier {
+            c.defense.noise_multiplier = v;
+        }
+        if self.secure_aggregation {
+            c.defense.secure_aggregation = true;
         }
         let t = &mut c.training;
         if let Some(v) = self.update_kind {
@@ -329,6 +354,7 @@ pub fn client(args: ClientArgs) -> Result<()> {
         reconnect_for: Duration::from_secs_f64(args.reconnect_for),
         training_permits: None,
         shared: None,
+        noise_seed: None,
     };
     runtime()?.block_on(async move {
         let (tx, rx) = watch::channel(false);

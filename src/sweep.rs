@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use mjpfl_lab::grid::SweepFile;
 use mjpfl_lab::runtime::{ctrl_c_or_term, runtime};
-use mjpfl_lab::sweep::{SweepOptions, run_sweep};
+use mjpfl_lab::sweep::{CellSelection, SweepOptions, run_sweep};
 
 /// Arguments of `mjpfl sweep`.
 #[derive(Args, Debug)]
@@ -27,6 +27,11 @@ pub struct SweepArgs {
     /// Where clients train and the adversary computes.
     #[arg(long, default_value = "flex")]
     device: mjp::DeviceSpec,
+    /// Run only cell N (0-based, `--dry-run` order) or shard I/N (cells I, I+N, ...): one
+    /// Slurm array task or Kubernetes Indexed Job pod each, on a shared sweep directory; then
+    /// `mjpfl report OUT` merges them.
+    #[arg(long, value_name = "N|I/N")]
+    cell: Option<String>,
 }
 
 /// `mjpfl sweep`.
@@ -43,14 +48,15 @@ pub fn run(args: SweepArgs) -> Result<()> {
         cells.len()
     );
     if args.dry_run {
-        for c in &cells {
-            println!("  {}", c.id);
+        for (i, c) in cells.iter().enumerate() {
+            println!("  {i:>3}  {}", c.id);
         }
         return Ok(());
     }
     let options = SweepOptions {
         parallel: args.parallel,
         device: args.device,
+        select: args.cell.as_deref().map(CellSelection::parse).transpose()?,
     };
     let outcome = runtime()?.block_on(run_sweep(
         &file,

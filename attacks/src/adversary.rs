@@ -188,6 +188,8 @@ impl Adversary {
                 (_, mjp::train::OptimizerKind::AdamW { .. }) => "adamw".into(),
             },
             shuffle_ratio: observed.config.shuffle_ratio,
+            defense: observed.config.defense,
+            clients: case.clients,
             pe: self.vit.pe.to_string(),
             recovered_labels: labels,
             label_accuracy,
@@ -210,9 +212,23 @@ impl Adversary {
     }
 
     fn ground_truth(&self, observed: &ObservedUpdate) -> Result<Option<GroundTruth>> {
-        let path = self
-            .audit
-            .record(observed.update.round, &observed.client_id);
+        let round = observed.update.round;
+        if observed.contributors.is_empty() {
+            return self.audit_truth(round, &observed.client_id);
+        }
+        // The secure-aggregation view's sum: every contributor's images (all must be on disk).
+        let mut parts = Vec::with_capacity(observed.contributors.len());
+        for id in &observed.contributors {
+            match self.audit_truth(round, id)? {
+                Some(t) => parts.push(t),
+                None => return Ok(None),
+            }
+        }
+        Ok(GroundTruth::concat(parts))
+    }
+
+    fn audit_truth(&self, round: u32, client_id: &str) -> Result<Option<GroundTruth>> {
+        let path = self.audit.record(round, client_id);
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let record: AuditRecord =
@@ -238,6 +254,7 @@ mod tests {
             client_id: client.into(),
             accepted,
             dropped_before: 0,
+            contributors: Vec::new(),
             config: RoundConfig::fedsgd(1, 0.0, 0.0, 0),
             update: std::sync::Arc::new(ModelUpdate {
                 round,

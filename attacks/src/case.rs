@@ -33,6 +33,9 @@ pub struct AttackCase {
     /// Examples the client says the update covers (FedAvg: its local dataset; the server caps
     /// the weight at the partition it assigned, so it knows this count).
     pub num_examples: usize,
+    /// Clients whose updates `update` sums: 1, or the round's participants under the
+    /// secure-aggregation view (then batch size and examples are their totals).
+    pub clients: usize,
     /// Where the attacker computes (not part of the threat model).
     pub device: mjp::DeviceSpec,
 }
@@ -56,6 +59,7 @@ impl AttackCase {
             num_examples: usize::try_from(observed.update.num_examples)
                 .unwrap_or(usize::MAX)
                 .max(1),
+            clients: observed.contributors.len().max(1),
             device,
         }
     }

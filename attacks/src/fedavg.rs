@@ -93,6 +93,13 @@ impl LocalRecipe {
                 ));
             }
         }
+        if case.clients > 1 {
+            return no(format!(
+                "the update sums {} clients' deltas (secure-aggregation view); fedavg-ig \
+                 simulates one client",
+                case.clients
+            ));
+        }
         if case.config.fedprox_mu > 0.0 {
             return no("FedProx local objective is not simulated".into());
         }

@@ -43,6 +43,12 @@ pub struct OptimisationConfig {
     pub signed: bool,
     /// Independent restarts; the best by final objective is kept.
     pub restarts: usize,
+    /// Fuse the restarts instead of keeping the best: every restart's images are matched to the
+    /// best restart's by the best assignment (pixel MSE) and averaged, the fusion step of
+    /// Yin et al.'s group consistency ("See through Gradients", CVPR 2021). Details that all
+    /// restarts agree on stay; what each invents differently is averaged away.
+    #[serde(default)]
+    pub fuse_restarts: bool,
     /// Seed of the initialisations.
     pub seed: u64,
     /// MJP-aware: give the positions whose PE rows carry no gradient the unk PE in the
@@ -76,6 +82,7 @@ impl OptimisationConfig {
             lr: 0.035,
             signed: true,
             restarts: 1,
+            fuse_restarts: false,
             seed: 0,
             adaptive: false,
             fd_scale: 1e-3,
@@ -108,6 +115,8 @@ pub struct Optimised {
     pub objective: f64,
     /// Objective of each restart's best.
     pub restart_objectives: Vec<f64>,
+    /// Whether `images` fuse every restart (then `objective` is the best restart's).
+    pub fused: bool,
     /// Iterations run in total.
     pub iterations: usize,
     /// Wall time.
@@ -222,7 +231,7 @@ pub fn descend(
     let (c, s) = (vit.channels, vit.image_size);
     let per = c * s * s;
     let mut rng = mjp::Seed(config.seed).child("attack-init", 0).rng();
-    let mut best: Option<(f64, Vec<f32>)> = None;
+    let mut restart_images: Vec<Vec<f32>> = Vec::new();
     let mut restart_objectives = Vec::new();
     let iters = config.iterations.max(1);
     let milestones = [iters * 3 / 8, iters * 5 / 8, iters * 7 / 8];
@@ -283,18 +292,58 @@ pub fn descend(
         }
         let (f, xb) = restart_best.expect("at least one iteration");
         restart_objectives.push(f);
-        if best.as_ref().is_none_or(|(bf, _)| f < *bf) {
-            best = Some((f, xb));
-        }
+        restart_images.push(xb);
     }
-    let (objective, images) = best.expect("at least one restart");
+    let best = (0..restart_objectives.len())
+        .min_by(|&a, &b| restart_objectives[a].total_cmp(&restart_objectives[b]))
+        .expect("at least one restart");
+    let fused = config.fuse_restarts && restart_images.len() > 1;
+    let images = if fused {
+        fuse(&restart_images, best, per)
+    } else {
+        restart_images.swap_remove(best)
+    };
     Ok(Optimised {
         images,
-        objective,
+        objective: restart_objectives[best],
+        fused,
         restart_objectives,
         iterations: iters * config.restarts.max(1),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The mean of every restart's images, each restart's matched to `reference`'s by the best
+/// assignment on pixel MSE (images of `per` values).
+pub fn fuse(restarts: &[Vec<f32>], reference: usize, per: usize) -> Vec<f32> {
+    let anchor = &restarts[reference];
+    let b = anchor.len() / per;
+    let mut sum = vec![0f64; anchor.len()];
+    for images in restarts {
+        let cost: Vec<Vec<f64>> = (0..b)
+            .map(|i| {
+                (0..b)
+                    .map(|j| {
+                        crate::metrics::mse(
+                            &images[i * per..(i + 1) * per],
+                            &anchor[j * per..(j + 1) * per],
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        for (i, j) in crate::metrics::best_assignment(&cost)
+            .into_iter()
+            .enumerate()
+        {
+            let dst = &mut sum[j * per..(j + 1) * per];
+            for (d, x) in dst.iter_mut().zip(&images[i * per..(i + 1) * per]) {
+                *d += f64::from(*x);
+            }
+        }
+    }
+    let k = restarts.len() as f64;
+    sum.into_iter().map(|x| (x / k) as f32).collect()
 }
 
 /// `ig`: Inverting Gradients (cosine + TV, signed Adam).
@@ -383,6 +432,9 @@ impl OptimisationConfig {
         if let Some(v) = s.restarts {
             self.restarts = v;
         }
+        if s.fuse_restarts {
+            self.fuse_restarts = true;
+        }
         if s.unsigned {
             self.signed = false;
         }
@@ -436,7 +488,21 @@ impl Attack for OptimisationAttack {
 }
 
 fn gaussian(rng: &mut impl Rng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    mjp::defense::standard_normal(rng)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fuse;
+
+    #[test]
+    fn fusion_matches_restarts_before_averaging() {
+        // Two images of 2 pixels; the second restart found them in the other order and noisier.
+        let best = vec![0.0, 0.0, 1.0, 1.0];
+        let other = vec![0.8, 0.8, 0.2, 0.2];
+        let fused = fuse(&[best.clone(), other], 0, 2);
+        assert_eq!(fused, vec![0.1, 0.1, 0.9, 0.9]);
+        // A single restart is itself.
+        assert_eq!(fuse(std::slice::from_ref(&best), 0, 2), best);
+    }
 }

@@ -48,6 +48,12 @@ pub struct UpdateRecord {
     pub local_optimizer: String,
     /// MJP shuffle ratio of the round.
     pub shuffle_ratio: f64,
+    /// What the client did to the update before upload.
+    #[serde(default)]
+    pub defense: mjp::Defense,
+    /// Clients the update sums (1; the round's participants under the secure-aggregation view).
+    #[serde(default = "one")]
+    pub clients: usize,
     /// PE mode of the model.
     pub pe: String,
     /// Labels recovered from the bias gradient.
@@ -81,4 +87,8 @@ pub struct RoundAttackSummary {
     pub label_accuracy: f64,
     /// MJP shuffle ratio of the round.
     pub shuffle_ratio: f64,
+}
+
+fn one() -> usize {
+    1
 }

@@ -107,6 +107,7 @@ pub fn load_update(path: &Path) -> Result<ObservedUpdate> {
         client_id: m.client_id,
         accepted: true,
         dropped_before: 0,
+        contributors: Vec::new(),
         config: m.round_config,
         update: std::sync::Arc::new(ModelUpdate {
             round: m.round,
@@ -287,6 +288,7 @@ mod tests {
             client_id: "sim-03".into(),
             accepted: true,
             dropped_before: 0,
+            contributors: Vec::new(),
             config: RoundConfig::fedsgd(4, 0.25, 0.01, 9),
             update: std::sync::Arc::new(ModelUpdate {
                 round: 12,

@@ -151,6 +151,21 @@ pub fn verdict(records: &[UpdateRecord], stats: &[AttackStats]) -> Option<String
         _ => {}
     }
     out.push_str(&e.why);
+    if first.clients > 1 {
+        out.push_str(&format!(
+            " The adversary saw only the sum of {} clients' updates (the secure-aggregation \
+             view), attacked as one update of all their examples.",
+            first.clients
+        ));
+    }
+    if first.defense.is_active() {
+        out.push_str(&format!(
+            " Clients applied a defense before upload ({}): the expectation above is for \
+             undefended updates, so a shortfall is the defense's doing as much as the position \
+             embedding's.",
+            first.defense.label()
+        ));
+    }
     let ran: Vec<&str> = stats.iter().map(|s| s.attack.as_str()).collect();
     let missing: Vec<&str> = e
         .strongest
@@ -191,6 +206,8 @@ mod tests {
                 String::new()
             },
             shuffle_ratio: 0.1,
+            defense: mjp::Defense::NONE,
+            clients: 1,
             pe: "mjp".into(),
             recovered_labels: vec![],
             label_accuracy: None,

@@ -63,6 +63,27 @@ impl GroundTruth {
         }
     }
 
+    /// The images of several updates as one (the secure-aggregation view's sum), in order;
+    /// `None` for no parts or parts of different shapes.
+    pub fn concat(parts: Vec<GroundTruth>) -> Option<Self> {
+        let shape = parts.first()?.shape;
+        if parts.iter().any(|p| p.shape != shape) {
+            return None;
+        }
+        let mut all = Self {
+            originals: Vec::new(),
+            seen: Vec::new(),
+            labels: Vec::new(),
+            shape,
+        };
+        for p in parts {
+            all.originals.extend(p.originals);
+            all.seen.extend(p.seen);
+            all.labels.extend(p.labels);
+        }
+        Some(all)
+    }
+
     /// Batch size.
     pub fn len(&self) -> usize {
         self.labels.len()

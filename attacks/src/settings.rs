@@ -26,6 +26,8 @@ pub struct AdversarySettings {
     pub embed_weight: Option<f64>,
     /// Restarts of optimisation attacks (the best by objective is kept).
     pub restarts: Option<usize>,
+    /// Average the restarts' images (matched by the best assignment) instead of keeping the best.
+    pub fuse_restarts: bool,
     /// Weight of the Gaussian image prior of optimisation attacks: `w |x - x_0|^2 / pixels`
     /// towards their starting image (the public mean image, or what an earlier stage
     /// recovered); an attack that learns nothing then stays at the mean image.
@@ -50,6 +52,7 @@ impl Default for AdversarySettings {
             pe_weight: None,
             embed_weight: None,
             restarts: None,
+            fuse_restarts: false,
             prior_weight: None,
             unsigned: false,
             init_noise: false,

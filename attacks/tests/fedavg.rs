@@ -37,6 +37,7 @@ fn fedavg_config(batch: u32, epochs: u32, lr: f64) -> RoundConfig {
         seed: 11,
         deadline_unix_ms: 0,
         local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
+        defense: mjp::Defense::NONE,
     }
 }
 
@@ -56,6 +57,7 @@ fn client(n: usize, config: RoundConfig) -> (AttackCase, Vec<f32>, Vec<u32>) {
         client_id: "c".into(),
         accepted: true,
         dropped_before: 0,
+        contributors: Vec::new(),
         config,
         update: std::sync::Arc::new(local.update),
     };

@@ -40,6 +40,7 @@ fn round_config(ratio: f64) -> RoundConfig {
         seed: 3,
         deadline_unix_ms: 0,
         local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
+        defense: mjp::Defense::NONE,
     }
 }
 
@@ -67,6 +68,7 @@ fn case(vit: &VitConfig, image: &[f32], label: u32, ratio: f64) -> AttackCase {
         batch_size: 1,
         local_steps: 1,
         num_examples: 1,
+        clients: 1,
         device: mjp::DeviceSpec::Flex,
     }
 }

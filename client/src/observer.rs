@@ -98,17 +98,27 @@ impl Observer {
     }
 }
 
+/// The most contributors an intercepted sum may name (a round's cohort).
+const MAX_CONTRIBUTORS: usize = 1 << 20;
+
 fn finish(h: v1::InterceptHeader, a: Assembler) -> Result<ObservedUpdate> {
     let tensors = a.finish()?;
     let config =
         convert::round_config_from_wire(h.config.as_ref().ok_or_else(|| {
             ClientError::Protocol("intercepted update without round config".into())
         })?)?;
+    if h.contributors.len() > MAX_CONTRIBUTORS || h.contributors.iter().any(|c| c.len() > 256) {
+        return Err(ClientError::Protocol(format!(
+            "intercepted sum names {} contributors (at most {MAX_CONTRIBUTORS} ids of <= 256 bytes)",
+            h.contributors.len()
+        )));
+    }
     Ok(ObservedUpdate {
         sequence: h.sequence,
         client_id: h.client_id,
         accepted: h.accepted,
         dropped_before: h.dropped_before,
+        contributors: h.contributors,
         config,
         update: std::sync::Arc::new(ModelUpdate {
             round: h.round,

@@ -45,6 +45,9 @@ pub struct ClientConfig {
     pub training_permits: Option<Arc<Semaphore>>,
     /// Data and connections shared with the other clients of this process (simulate).
     pub shared: Option<Arc<SharedClients>>,
+    /// Private seed of the client's defense noise (simulated clients, for reproducible runs;
+    /// `None`: the operating system's randomness). Never sent to the coordinator.
+    pub noise_seed: Option<u64>,
 }
 
 impl ClientConfig {
@@ -63,6 +66,7 @@ impl ClientConfig {
             reconnect_for: Duration::from_secs(120),
             training_permits: None,
             shared: None,
+            noise_seed: None,
         }
     }
 }
@@ -366,8 +370,9 @@ async fn train_and_submit(
         None => None,
     };
     let (model, client_id) = (model.clone(), s.joined.client_id.clone());
+    let noise_seed = config.noise_seed;
     let result = tokio::task::spawn_blocking(move || {
-        local_update(
+        let mut result = local_update(
             &model,
             &data,
             round,
@@ -375,7 +380,18 @@ async fn train_and_submit(
             &client_id,
             &round_config,
             &device,
-        )
+        )?;
+        // The round's defense, before anything leaves the client.
+        let defense = round_config.defense;
+        if defense.is_active() {
+            let mut noise = mjp::defense::noise_rng(noise_seed, round_config.seed);
+            let applied = mjp::defense::apply(&defense, &mut result.update.tensors, &mut noise);
+            tracing::debug!(
+                "{client_id}: round {round} defense {}: {applied:?}",
+                defense.label()
+            );
+        }
+        Ok::<_, mjp::MjpError>(result)
     })
     .await
     .map_err(|e| ClientError::task("training", e))??;

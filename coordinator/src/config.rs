@@ -15,7 +15,7 @@ use crate::admission::AdmissionSection;
 use crate::aggregate::{AggregatorKind, ServerOptimizer};
 use crate::auth::{AuthSection, DEFAULT_JOIN_SECRET, DEFAULT_OBSERVER_TOKEN};
 use crate::error::{CoordinatorError, Result};
-use crate::schedule::ShuffleSchedule;
+use crate::schedule::{DefenseSchedule, ShuffleSchedule};
 
 /// The longest duration a configuration may give, seconds (about 31 years).
 const MAX_SECS: f64 = 1e9;
@@ -34,6 +34,8 @@ pub struct CoordinatorConfig {
     pub training: TrainingSection,
     /// MJP shuffle-ratio schedule.
     pub shuffle: ShuffleSchedule,
+    /// Client defenses and the secure-aggregation view, per round.
+    pub defense: DefenseSchedule,
     /// How simulated clients split the training set.
     pub partition: PartitionScheme,
     /// Network and resources.
@@ -344,6 +346,7 @@ impl CoordinatorConfig {
         let t = &self.training;
         self.model.vit()?;
         self.shuffle.validate()?;
+        self.defense.validate()?;
         self.admission
             .validate()
             .map_err(CoordinatorError::Config)?;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mjp::data::{Dataset, Split};
+use mjp::fl::{ModelUpdate, ObservedUpdate, UpdateKind};
 use mjp::params::{Manifest, NamedTensors};
 use mjp::{Seed, Vit, VitConfig};
 use tokio::sync::{Semaphore, watch};
@@ -112,6 +113,66 @@ struct OpenRound {
     opened: Instant,
     deadline: Instant,
     deadline_unix_ms: u64,
+    /// Under the secure-aggregation view: the sum of the accepted updates, which the tap gets
+    /// instead of the updates themselves.
+    secure: Option<SecureSum>,
+}
+
+/// The secure-aggregation view of one round: what secure aggregation reveals to the server (the
+/// participants and the sum of their updates as sent), built as the updates arrive.
+#[derive(Default)]
+struct SecureSum {
+    sum: Option<NamedTensors>,
+    contributors: Vec<String>,
+    config: Option<mjp::fl::RoundConfig>,
+    batch_size: u32,
+    num_examples: u64,
+    local_steps: u32,
+}
+
+impl SecureSum {
+    fn add(&mut self, client_id: &str, config: &mjp::fl::RoundConfig, update: &ModelUpdate) {
+        self.sum = Some(match self.sum.take() {
+            None => update.tensors.clone(),
+            Some(s) => s
+                .add(&update.tensors)
+                .expect("updates checked against the manifest"),
+        });
+        self.contributors.push(client_id.to_string());
+        self.config.get_or_insert_with(|| config.clone());
+        self.batch_size = self.batch_size.saturating_add(update.batch_size);
+        self.num_examples = self.num_examples.saturating_add(update.num_examples);
+        self.local_steps = self.local_steps.max(update.local_steps);
+    }
+
+    /// The sum as the tap shows it (`None` when nothing was accepted).
+    fn observed(
+        self,
+        round: u32,
+        version: u64,
+        kind: UpdateKind,
+        sequence: u64,
+    ) -> Option<ObservedUpdate> {
+        let (sum, config) = (self.sum?, self.config?);
+        Some(ObservedUpdate {
+            sequence,
+            client_id: format!("secagg-round-{round:04}"),
+            accepted: true,
+            dropped_before: 0,
+            config,
+            update: Arc::new(ModelUpdate {
+                round,
+                model_version: version,
+                kind,
+                batch_size: self.batch_size,
+                num_examples: self.num_examples,
+                local_steps: self.local_steps,
+                metrics: BTreeMap::new(),
+                tensors: sum,
+            }),
+            contributors: self.contributors,
+        })
+    }
 }
 
 /// Everything that changes while the federation runs, behind `Federation::state`.

@@ -32,6 +32,12 @@ pub struct RoundRecord {
     pub update_kind: String,
     /// MJP shuffle ratio of the round.
     pub shuffle_ratio: f64,
+    /// The clients' defenses and the server's view in the round.
+    #[serde(default)]
+    pub defense: crate::schedule::RoundDefense,
+    /// Differential privacy so far of the clients sampled in the round (rounds with noise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::RoundPrivacy>,
     /// Clients sampled.
     pub sampled: Vec<String>,
     /// Clients whose update was aggregated.

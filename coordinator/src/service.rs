@@ -439,6 +439,7 @@ pub fn intercepted_messages(
         tensors: convert::manifest_to_wire(&u.update.tensors.manifest()).tensors,
         dropped_before: u.dropped_before,
         accepted: u.accepted,
+        contributors: u.contributors.clone(),
     };
     std::iter::once(Kind::Header(header))
         .chain(convert::Chunks::new(u.update.clone(), |u| &u.tensors, max_chunk).map(Kind::Chunk))

@@ -235,6 +235,7 @@ pub fn attack_speed(args: &AttackBench) -> Result<()> {
         batch_size: 1,
         local_steps: 1,
         num_examples: 1,
+        clients: 1,
         device: DeviceSpec::Flex,
     };
     let config = OptimisationConfig {

@@ -173,6 +173,7 @@ pub fn run_offline(
                     client_id: client,
                     accepted: true,
                     dropped_before: 0,
+                    contributors: Vec::new(),
                     config: rc,
                     update: std::sync::Arc::new(local.update),
                 };

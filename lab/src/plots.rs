@@ -171,6 +171,194 @@ pub fn chart(
     Ok(())
 }
 
+/// A point with its 95% confidence half-widths on both axes.
+#[derive(Clone, Debug)]
+pub struct ErrPoint {
+    /// x and its half-width.
+    pub x: (f64, f64),
+    /// y and its half-width.
+    pub y: (f64, f64),
+    /// Shown next to the point.
+    pub label: String,
+}
+
+/// Points of one family (MJP by ratio, DP by noise level, ...), joined in order when `joined`.
+#[derive(Clone, Debug)]
+pub struct ErrSeries {
+    /// Legend label.
+    pub label: String,
+    /// The points, in the order they are joined.
+    pub points: Vec<ErrPoint>,
+    /// Whether a line joins them.
+    pub joined: bool,
+}
+
+fn draw_frontier<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[ErrSeries],
+    x_marker: Option<(f64, &str)>,
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let err = |e: &dyn std::fmt::Debug| crate::error::LabError::Message(format!("{e:?}"));
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut extent: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            label: String::new(),
+            points: s
+                .points
+                .iter()
+                .flat_map(|p| {
+                    [
+                        (p.x.0 - p.x.1, p.y.0 - p.y.1),
+                        (p.x.0 + p.x.1, p.y.0 + p.y.1),
+                    ]
+                })
+                .collect(),
+        })
+        .collect();
+    if let Some((x, _)) = x_marker {
+        let y = extent
+            .iter()
+            .flat_map(|s| s.points.first())
+            .map(|p| p.1)
+            .next()
+            .unwrap_or(0.0);
+        extent.push(Series {
+            label: String::new(),
+            points: vec![(x, y)],
+        });
+    }
+    let ((x0, x1), (y0, y1)) = bounds(&extent);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(&e))?;
+    if let Some((x, label)) = x_marker {
+        let grey = RGBColor(120, 120, 120);
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x, y0), (x, y1)],
+                grey.stroke_width(1),
+            ))
+            .map_err(|e| err(&e))?
+            .label(label.to_string())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], grey.stroke_width(1))
+            });
+    }
+    for (i, s) in series.iter().enumerate() {
+        let color = palette(i);
+        let style = ShapeStyle::from(&color).filled();
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (p.x.0, p.y.0)).collect();
+        if s.joined && pts.len() > 1 {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .draw_series(s.points.iter().map(|p| {
+                ErrorBar::new_vertical(
+                    p.x.0,
+                    p.y.0 - p.y.1,
+                    p.y.0,
+                    p.y.0 + p.y.1,
+                    color.stroke_width(1),
+                    8,
+                )
+            }))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(s.points.iter().map(|p| {
+                ErrorBar::new_horizontal(
+                    p.y.0,
+                    p.x.0 - p.x.1,
+                    p.x.0,
+                    p.x.0 + p.x.1,
+                    color.stroke_width(1),
+                    8,
+                )
+            }))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 5, style)))
+            .map_err(|e| err(&e))?
+            .label(s.label.clone())
+            .legend(move |(x, y)| Circle::new((x + 9, y), 5, style));
+        chart
+            .draw_series(s.points.iter().map(|p| {
+                Text::new(
+                    p.label.clone(),
+                    (p.x.0, p.y.0),
+                    ("sans-serif", 12).into_font().color(&color),
+                )
+            }))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+/// Writes `<stem>.png` and `<stem>.svg`: points with 95% CI bars on both axes, each family
+/// joined in order where it asks to be, and an optional vertical reference line.
+pub fn frontier(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[ErrSeries],
+    x_marker: Option<(f64, &str)>,
+) -> Result<()> {
+    register_font();
+    if let Some(dir) = stem.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    draw_frontier(
+        BitMapBackend::new(&png, (WIDTH, HEIGHT)).into_drawing_area(),
+        title,
+        x_label,
+        y_label,
+        series,
+        x_marker,
+    )
+    .with_context(|| format!("drawing {}", png.display()))?;
+    draw_frontier(
+        SVGBackend::new(&svg, (WIDTH, HEIGHT)).into_drawing_area(),
+        title,
+        x_label,
+        y_label,
+        series,
+        x_marker,
+    )
+    .with_context(|| format!("drawing {}", svg.display()))?;
+    Ok(())
+}
+
 /// Stacks PNG images vertically, each with a caption to its left, into one PNG.
 pub fn montage(out: &Path, rows: &[(String, std::path::PathBuf)]) -> Result<()> {
     register_font();

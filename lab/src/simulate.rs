@@ -115,6 +115,13 @@ pub async fn run_simulation(
         c.training_permits = Some(permits.clone());
         c.shared = Some(shared.clone());
         c.join_secret = federation.config().federation.join_secret.clone();
+        // Reproducible defense noise; the adversary never reads this seed (a real client's
+        // comes from the operating system).
+        c.noise_seed = Some(
+            mjp::Seed(federation.config().federation.seed)
+                .child("client-noise", i as u64)
+                .0,
+        );
         clients.spawn(mjpfl_client::run(c, stop_rx.clone()));
     }
     let progress = tokio::spawn(show_progress(federation.clone(), rounds));

@@ -24,12 +24,60 @@ pub struct SweepOptions {
     pub parallel: Option<usize>,
     /// Where clients train and the adversary computes.
     pub device: mjp::DeviceSpec,
+    /// Run only these cells (a Slurm array task, a Kubernetes Indexed Job pod, a shard); the
+    /// report is then left to `mjpfl report` once every cell is done.
+    pub select: Option<CellSelection>,
+}
+
+/// Which cells of a sweep one process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellSelection {
+    /// The cell of this index (0-based, in `mjpfl sweep --dry-run` order).
+    Index(usize),
+    /// Shard `index` of `count`: the cells whose index is `index` modulo `count`.
+    Shard {
+        /// This shard (0-based).
+        index: usize,
+        /// Shards in all.
+        count: usize,
+    },
+}
+
+impl CellSelection {
+    /// Parses `N` (one cell) or `I/N` (a shard).
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || LabError::Message(format!("cell selection `{s}`: expected N or I/N"));
+        match s.split_once('/') {
+            None => Ok(Self::Index(s.trim().parse().map_err(|_| bad())?)),
+            Some((i, n)) => {
+                let (index, count): (usize, usize) = (
+                    i.trim().parse().map_err(|_| bad())?,
+                    n.trim().parse().map_err(|_| bad())?,
+                );
+                if count == 0 || index >= count {
+                    return Err(LabError::Message(format!("shard `{s}`: need 0 <= I < N")));
+                }
+                Ok(Self::Shard { index, count })
+            }
+        }
+    }
+
+    /// The indices it picks out of `cells` cells (an index past the end is an error).
+    pub fn indices(&self, cells: usize) -> Result<Vec<usize>> {
+        match *self {
+            Self::Index(i) if i < cells => Ok(vec![i]),
+            Self::Index(i) => Err(LabError::Message(format!(
+                "cell {i} does not exist: the sweep has {cells} cells (0..{cells})"
+            ))),
+            Self::Shard { index, count } => Ok((index..cells).step_by(count).collect()),
+        }
+    }
 }
 
 /// What a sweep did.
 #[derive(Clone, Debug)]
 pub struct SweepOutcome {
-    /// Cells in the grid.
+    /// Cells this run was given (the whole grid, or its selection).
     pub cells: usize,
     /// Cells finished before this run.
     pub already_done: usize,
@@ -53,21 +101,31 @@ pub async fn run_sweep(
     let cells = file.cells();
     std::fs::create_dir_all(layout.cells())
         .with_context(|| format!("creating {}", layout.cells().display()))?;
-    std::fs::copy(file_path, layout.sweep_file()).context("copying the sweep file")?;
+    // Array tasks write it at the same time: atomically, so none reads half a file.
+    let text = std::fs::read(file_path).context("reading the sweep file")?;
+    mjp::fsutil::write_atomic(&layout.sweep_file(), &text)?;
     let parallel = options.parallel.unwrap_or(file.parallel).max(1);
     let started = Instant::now();
-    let todo: Vec<Cell> = cells
+    let mine: Vec<&Cell> = match options.select {
+        None => cells.iter().collect(),
+        Some(select) => select
+            .indices(cells.len())?
+            .into_iter()
+            .map(|i| &cells[i])
+            .collect(),
+    };
+    let todo: Vec<Cell> = mine
         .iter()
         .filter(|c| !layout.done_marker(&c.id).exists())
-        .cloned()
+        .map(|c| (*c).clone())
         .collect();
-    let already_done = cells.len() - todo.len();
+    let already_done = mine.len() - todo.len();
     println!(
         "{already_done} finished already, {} to run, {parallel} at a time",
         todo.len()
     );
     let bar = progress_bar(
-        cells.len() as u64,
+        mine.len() as u64,
         "cells [{bar:30}] {pos}/{len} {msg} (elapsed {elapsed}, eta {eta})",
     );
     bar.set_position(already_done as u64);
@@ -127,9 +185,17 @@ pub async fn run_sweep(
         }
     }
     bar.finish_and_clear();
-    crate::report::write_sweep_report(out)?;
+    let all_done = cells.iter().all(|c| layout.done_marker(&c.id).exists());
+    if options.select.is_none() || all_done {
+        crate::report::write_sweep_report(out)?;
+    } else {
+        println!(
+            "cells of other tasks still running: `mjpfl report {}` merges them when all are done",
+            out.display()
+        );
+    }
     Ok(SweepOutcome {
-        cells: cells.len(),
+        cells: mine.len(),
         already_done,
         ran,
         seconds: started.elapsed().as_secs_f64(),
@@ -160,4 +226,27 @@ async fn run_cell(
         serde_json::to_string_pretty(&done)?.as_bytes(),
     )?;
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CellSelection;
+
+    #[test]
+    fn selections_pick_cells_by_index_and_shard() {
+        assert_eq!(
+            CellSelection::parse("3").unwrap().indices(5).unwrap(),
+            vec![3]
+        );
+        assert!(CellSelection::parse("5").unwrap().indices(5).is_err());
+        let shard = CellSelection::parse("1/3").unwrap();
+        assert_eq!(shard.indices(8).unwrap(), vec![1, 4, 7]);
+        assert_eq!(
+            CellSelection::parse("2/3").unwrap().indices(2).unwrap(),
+            Vec::<usize>::new()
+        );
+        for bad in ["", "x", "3/3", "1/0", "-1"] {
+            assert!(CellSelection::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -81,6 +81,9 @@ pub struct RoundConfig {
     pub deadline_unix_ms: u64,
     /// Local optimiser of FedAvg steps.
     pub local_optimizer: OptimizerKind,
+    /// What the client does to the update before upload (pruning, clipping, noise).
+    #[serde(default)]
+    pub defense: crate::Defense,
 }
 
 impl RoundConfig {
@@ -101,6 +104,7 @@ impl RoundConfig {
             seed,
             deadline_unix_ms: 0,
             local_optimizer: OptimizerKind::Sgd { momentum: 0.0 },
+            defense: crate::Defense::NONE,
         }
     }
 
@@ -193,6 +197,10 @@ pub struct ObservedUpdate {
     pub config: RoundConfig,
     /// The update exactly as received (shared by every observer: one copy however many watch).
     pub update: std::sync::Arc<ModelUpdate>,
+    /// Under the secure-aggregation view, the clients whose updates `update` sums (what secure
+    /// aggregation reveals to the server: who took part, and the sum); empty for one client's
+    /// update.
+    pub contributors: Vec<String>,
 }
 
 /// What a simulated client used to compute an update: the ground truth for scoring, written to

@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod defense;
 pub mod device;
 pub mod error;
 pub mod fl;
@@ -24,6 +25,7 @@ pub mod seed;
 pub mod train;
 
 pub use config::{DalKind, JigsawConfig, LambdaSchedule, PeMode, VitConfig};
+pub use defense::Defense;
 pub use device::DeviceSpec;
 pub use error::{MjpError, Result};
 pub use model::Vit;

@@ -357,6 +357,11 @@ pub fn round_config_to_wire(c: &DomainRoundConfig) -> v1::RoundConfig {
             OptimizerKind::AdamW { weight_decay } => weight_decay,
             OptimizerKind::Sgd { .. } => 0.0,
         },
+        defense: c.defense.is_active().then_some(v1::Defense {
+            prune_fraction: c.defense.prune_fraction,
+            clip_norm: c.defense.clip_norm,
+            noise_multiplier: c.defense.noise_multiplier,
+        }),
     }
 }
 
@@ -387,6 +392,19 @@ pub fn round_config_from_wire(c: &v1::RoundConfig) -> Result<DomainRoundConfig, 
                 return Err(WireError::Invalid(format!(
                     "unknown local optimizer `{other}` (sgd, adamw)"
                 )));
+            }
+        },
+        defense: match &c.defense {
+            None => mjp::Defense::NONE,
+            Some(d) => {
+                let d = mjp::Defense {
+                    prune_fraction: d.prune_fraction,
+                    clip_norm: d.clip_norm,
+                    noise_multiplier: d.noise_multiplier,
+                };
+                d.validate()
+                    .map_err(|e| WireError::Invalid(format!("round config defense: {e}")))?;
+                d
             }
         },
     })

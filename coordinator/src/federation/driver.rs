@@ -11,7 +11,7 @@ use mjp::params::NamedTensors;
 use mjp::train::{EvalOptions, EvalReport, evaluate};
 use tokio::sync::watch;
 
-use super::{Federation, OpenRound, Phase, unix_ms};
+use super::{Federation, OpenRound, Phase, SecureSum, unix_ms};
 use crate::aggregate::{Aggregator, ServerState, apply};
 use crate::error::{CoordinatorError, Result};
 use crate::rundir::RoundRecord;
@@ -176,6 +176,12 @@ impl Federation {
             opened: Instant::now(),
             deadline: Instant::now() + deadline_in,
             deadline_unix_ms: unix_ms(SystemTime::now() + deadline_in),
+            secure: self
+                .config
+                .defense
+                .at(round)
+                .secure_aggregation
+                .then(SecureSum::default),
         });
         s.phase = Phase::Training;
         drop(s);
@@ -183,7 +189,8 @@ impl Federation {
     }
 
     /// Aggregates, moves the global model, evaluates, checkpoints and records a closed round.
-    fn commit(&self, open: OpenRound, closed_by: &str) -> Result<RoundRecord> {
+    fn commit(&self, mut open: OpenRound, closed_by: &str) -> Result<RoundRecord> {
+        let secure = open.secure.take();
         // The server optimiser's state is moved out, not copied (for Adam it is two models). A
         // commit that fails stops the federation (see `drive`); a restart resumes from the last
         // committed round's state on disk, so nothing half-applied is ever used.
@@ -240,13 +247,22 @@ impl Federation {
         }
         let version = open.version + 1;
         self.run_dir.save_model(version, &new_global, &self.vit)?;
+        let defense = self.config.defense.at(open.round);
+        let sampled: Vec<String> = open.sampled.into_iter().collect();
+        let privacy = defense.client.is_private().then(|| {
+            let mut ledger = crate::privacy::Ledger::from_records(&self.lock().history);
+            ledger.add_round(&sampled, &defense.client);
+            ledger.round(&sampled, &defense.client, self.config.defense.delta)
+        });
         let record = RoundRecord {
             round: open.round,
             attempt: open.attempt,
             model_version: version,
             update_kind: kind.to_string(),
             shuffle_ratio: open.ratio,
-            sampled: open.sampled.into_iter().collect(),
+            defense,
+            privacy: privacy.flatten(),
+            sampled,
             aggregated,
             rejected: open.rejected,
             closed_by: closed_by.to_string(),
@@ -260,6 +276,12 @@ impl Federation {
             committed_unix_ms: unix_ms(SystemTime::now()),
         };
         self.run_dir.commit_round(&record, &server)?;
+        // The secure-aggregation view: the round's sum reaches the tap once the round is in.
+        if let Some(observed) = secure
+            .and_then(|sum| sum.observed(open.round, open.version, kind, self.tap.next_sequence()))
+        {
+            self.tap.publish(observed);
+        }
         let mut s = self.lock();
         s.global = Arc::new(new_global);
         s.server = server;

@@ -104,6 +104,7 @@ impl Federation {
             seed: seed.0,
             deadline_unix_ms,
             local_optimizer: t.local_optimizer,
+            defense: self.config.defense.at(round).client,
         }
     }
 
@@ -321,13 +322,21 @@ impl Federation {
             );
         }
         // Sequence numbers are taken only for updates that reach the tap: a gap means a drop.
-        let observed = |accepted: bool, update: ModelUpdate| ObservedUpdate {
-            sequence: self.tap.next_sequence(),
-            client_id: ticket.client_id.clone(),
-            accepted,
-            dropped_before: 0,
-            config: ticket.config.clone(),
-            update: Arc::new(update),
+        // Under the secure-aggregation view no single update reaches it (the round's sum does,
+        // when the round commits).
+        let secure = self.config.defense.at(ticket.round).secure_aggregation;
+        let publish = |accepted: bool, update: ModelUpdate| {
+            if !secure {
+                self.tap.publish(ObservedUpdate {
+                    sequence: self.tap.next_sequence(),
+                    client_id: ticket.client_id.clone(),
+                    accepted,
+                    dropped_before: 0,
+                    config: ticket.config.clone(),
+                    update: Arc::new(update),
+                    contributors: Vec::new(),
+                });
+            }
         };
         let mut s = self.lock();
         let open = s.round.as_mut().filter(|r| {
@@ -335,7 +344,7 @@ impl Federation {
         });
         let Some(r) = open else {
             drop(s);
-            self.tap.publish(observed(false, update));
+            publish(false, update);
             return Err(Refusal::FailedPrecondition(format!(
                 "round {} closed before the update finished arriving (deadline)",
                 ticket.round
@@ -366,9 +375,12 @@ impl Federation {
         // The tap gets the update exactly as received; the mean folds it without a copy.
         r.aggregator
             .fold(&update.tensors, admitted.weight, admitted.scale);
+        if let Some(sum) = &mut r.secure {
+            sum.add(&ticket.client_id, &ticket.config, &update);
+        }
         let received = r.submitted.len() as u32;
         drop(s);
-        self.tap.publish(observed(true, update));
+        publish(true, update);
         self.notify_submission();
         Ok(received)
     }

@@ -33,12 +33,16 @@ pub fn write_run_report(run: &Path) -> Result<()> {
         }
         None => writeln!(md, "No round completed yet.\n")?,
     }
+    write_privacy_section(&rounds, &mut md)?;
     writeln!(md, "## Rounds\n")?;
     writeln!(
         md,
-        "| round | updates | shuffle ratio | test acc | test images | jigsaw acc | consistency | client loss | seconds |"
+        "| round | updates | shuffle ratio | defense | epsilon max | test acc | test images | jigsaw acc | consistency | client loss | seconds |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v));
     // Long runs: only the rounds the global model was evaluated after (`eval_every`).
     for r in rounds
@@ -48,10 +52,17 @@ pub fn write_run_report(run: &Path) -> Result<()> {
         let t = r.test.as_ref();
         writeln!(
             md,
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {:.3} | {:.1} |",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {:.3} | {:.1} |",
             r.round,
             r.aggregated.len(),
             r.shuffle_ratio,
+            r.defense.label(),
+            r.privacy
+                .as_ref()
+                .map_or("-".into(), |p| match p.epsilon_max {
+                    Some(e) => format!("{e:.2}"),
+                    None => "inf".into(),
+                }),
             pct(t.map(|t| t.accuracy)),
             t.map_or("-".into(), |t| t.examples.to_string()),
             pct(t.and_then(|t| t.jigsaw_accuracy)),
@@ -63,6 +74,75 @@ pub fn write_run_report(run: &Path) -> Result<()> {
     write_attack_section(&layout, &mut md)?;
     writeln!(md, "\n## Configuration\n\n```toml\n{config}```")?;
     mjp::fsutil::write_atomic(&layout.report(), md.as_bytes())?;
+    Ok(())
+}
+
+/// What the clients did to their updates, and (local DP) the accountant's verdict per client.
+fn write_privacy_section(
+    rounds: &[mjpfl_coordinator::rundir::RoundRecord],
+    md: &mut String,
+) -> Result<()> {
+    use mjpfl_coordinator::privacy::{Ledger, epsilon};
+    if !rounds
+        .iter()
+        .any(|r| r.defense.client.is_active() || r.defense.secure_aggregation)
+    {
+        return Ok(());
+    }
+    writeln!(md, "## Defenses\n")?;
+    let mut labels: Vec<String> = rounds.iter().map(|r| r.defense.label()).collect();
+    labels.dedup();
+    writeln!(
+        md,
+        "Per round (see the table below): {}. Clients apply pruning, clipping and noise to their \
+         update before upload, so the adversary attacks exactly what left them. `secagg` is the \
+         secure-aggregation view: the adversary receives only the round's sum of updates (a \
+         model of the information secure aggregation leaves the server, not the cryptographic \
+         protocol).\n",
+        labels.join(" / ")
+    )?;
+    let delta = rounds
+        .iter()
+        .find_map(|r| r.privacy.as_ref().map(|p| p.delta));
+    if let Some(delta) = delta {
+        let ledger = Ledger::from_records(rounds);
+        let mut eps: Vec<(f64, u32)> = ledger
+            .clients()
+            .filter_map(|(_, l)| epsilon(l, delta).map(|e| (e, l.releases)))
+            .collect();
+        let unprotected = ledger.clients().filter(|(_, l)| l.unprotected > 0).count();
+        eps.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if eps.is_empty() {
+            writeln!(
+                md,
+                "**Local differential privacy:** every client also sent updates without noise \
+                 in some round, so none has a finite epsilon.\n"
+            )?;
+        }
+        if let (Some(lo), Some(hi)) = (eps.first(), eps.last()) {
+            let median = eps[eps.len() / 2];
+            writeln!(
+                md,
+                "**Local differential privacy, per client over the rounds it was sampled in** \
+                 (zCDP composition, converted by opendp; sensitivity 2C, no amplification by \
+                 sampling): at delta = {delta:e}, epsilon is **{:.2}** at most ({} releases), \
+                 {:.2} median, {:.2} least, over {} clients.{}\n",
+                hi.0,
+                hi.1,
+                median.0,
+                lo.0,
+                eps.len(),
+                if unprotected > 0 {
+                    format!(
+                        " {unprotected} clients also sent updates without noise: they have no \
+                         finite epsilon."
+                    )
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -17,7 +17,8 @@ use mjpfl_coordinator::rundir::RoundRecord;
 use crate::error::Result;
 use crate::grid::CellDone;
 use crate::plots::{self, Series};
-use crate::stats::{mean, plus_minus};
+use crate::plots::{ErrPoint, ErrSeries};
+use crate::stats::{ci95, mean, plus_minus_ci};
 
 /// What one finished cell left on disk.
 pub struct CellResults {
@@ -113,6 +114,8 @@ pub struct CellAttack {
     pub ssim: f64,
     /// Label accuracy.
     pub label_accuracy: f64,
+    /// Fraction of images above 20 dB.
+    pub recovered: f64,
 }
 
 /// A setting aggregated over its seeds.
@@ -123,8 +126,17 @@ pub struct SettingStats {
     pub pe: String,
     /// Constant ratio, if any.
     pub ratio: Option<f64>,
+    /// The clients' defense of round 1 and whether the adversary saw only sums.
+    pub defense: mjpfl_coordinator::RoundDefense,
     /// Seeds finished.
     pub seeds: usize,
+    /// Per seed: the largest client epsilon at the end (local DP settings).
+    pub epsilon: Vec<f64>,
+    /// Per seed: the strongest attack's mean PSNR (the best over attacks other than the
+    /// mean-image baseline).
+    pub strongest: Vec<f64>,
+    /// Per seed: the mean-image baseline's mean PSNR.
+    pub baseline: Vec<f64>,
     /// Final accuracies.
     pub acc: Vec<f64>,
     /// Final jigsaw accuracies.
@@ -203,7 +215,11 @@ pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
                     setting: c.setting.clone(),
                     pe: c.pe.to_string(),
                     ratio: c.ratio,
+                    defense: c.config.defense.at(1),
                     seeds: 0,
+                    epsilon: vec![],
+                    strongest: vec![],
+                    baseline: vec![],
                     acc: vec![],
                     jig: vec![],
                     cons: vec![],
@@ -214,6 +230,12 @@ pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
         };
         let st = &mut s.settings[idx];
         st.seeds += 1;
+        st.epsilon.extend(
+            cell.rounds
+                .iter()
+                .filter_map(|r| r.privacy.as_ref().and_then(|p| p.epsilon_max))
+                .reduce(f64::max),
+        );
         if let Some(t) = cell.rounds.last().and_then(|r| r.test.as_ref()) {
             st.acc.push(t.accuracy);
             st.jig.extend(t.jigsaw_accuracy);
@@ -237,6 +259,9 @@ pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
             .filter(|a| a.scored > 0)
             .collect();
         scored.sort_by(|a, b| a.attack.cmp(&b.attack));
+        let (best, baseline) = mjpfl_attacks::regime::strongest(&scored);
+        st.strongest.extend(best.map(|b| b.mean_psnr));
+        st.baseline.extend(baseline.map(|b| b.mean_psnr));
         for a in scored {
             if !s.attacks.contains(&a.attack) {
                 s.attacks.push(a.attack.clone());
@@ -249,6 +274,7 @@ pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
                     median_psnr: a.median_psnr,
                     ssim: a.mean_ssim,
                     label_accuracy: a.label_accuracy,
+                    recovered: a.recovered_fraction,
                 });
             s.psnr_curves
                 .entry((a.attack.clone(), c.setting.clone()))
@@ -443,6 +469,7 @@ pub fn draw_plots(layout: &SweepLayout, s: &SweepSummary, cells: &[CellResults])
             false,
         )?;
     }
+    draw_frontier(&dir, s)?;
     // Montage: the same images (seed, round, client) reconstructed under every setting.
     let mut montage = Vec::new();
     if let Some(seed) = cells.iter().map(|c| c.done.cell.seed).min() {
@@ -472,6 +499,90 @@ pub fn draw_plots(layout: &SweepLayout, s: &SweepSummary, cells: &[CellResults])
     })
 }
 
+/// The privacy/utility frontier: final accuracy against the strongest attack's PSNR, one point
+/// per setting with 95% CIs on both axes; MJP's points joined by shuffle ratio, local DP's by
+/// noise level; the mean-image baseline as a vertical line.
+fn draw_frontier(dir: &Path, s: &SweepSummary) -> Result<()> {
+    let point = |x: &SettingStats, label: String| {
+        (!x.strongest.is_empty() && !x.acc.is_empty()).then(|| {
+            let (a, ah) = ci95(&x.acc);
+            ErrPoint {
+                x: ci95(&x.strongest),
+                y: (100.0 * a, 100.0 * ah),
+                label,
+            }
+        })
+    };
+    let plain = |x: &SettingStats| !x.defense.client.is_active() && !x.defense.secure_aggregation;
+    let mut mjp: Vec<(f64, ErrPoint)> = s
+        .settings
+        .iter()
+        .filter(|x| x.pe == "mjp" && plain(x))
+        .filter_map(|x| Some((x.ratio?, point(x, format!(" {}", x.ratio?))?)))
+        .collect();
+    mjp.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut dp: Vec<(f64, ErrPoint)> = s
+        .settings
+        .iter()
+        .filter(|x| {
+            x.pe != "mjp" && x.defense.client.is_private() && x.defense.client.prune_fraction == 0.0
+        })
+        .filter_map(|x| {
+            let z = x.defense.client.noise_multiplier;
+            Some((z, point(x, format!(" z={z}"))?))
+        })
+        .collect();
+    dp.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut series = Vec::new();
+    if !mjp.is_empty() {
+        series.push(ErrSeries {
+            label: "MJP (by shuffle ratio)".into(),
+            points: mjp.into_iter().map(|(_, p)| p).collect(),
+            joined: true,
+        });
+    }
+    if !dp.is_empty() {
+        series.push(ErrSeries {
+            label: "local DP (by noise multiplier)".into(),
+            points: dp.into_iter().map(|(_, p)| p).collect(),
+            joined: true,
+        });
+    }
+    for x in &s.settings {
+        let in_families = (x.pe == "mjp" && plain(x))
+            || (x.pe != "mjp"
+                && x.defense.client.is_private()
+                && x.defense.client.prune_fraction == 0.0);
+        if in_families {
+            continue;
+        }
+        if let Some(p) = point(x, String::new()) {
+            series.push(ErrSeries {
+                label: x.setting.clone(),
+                points: vec![p],
+                joined: false,
+            });
+        }
+    }
+    if series.is_empty() {
+        return Ok(());
+    }
+    let baselines: Vec<f64> = s
+        .settings
+        .iter()
+        .flat_map(|x| x.baseline.iter().copied())
+        .collect();
+    let marker = (!baselines.is_empty()).then(|| (mean(&baselines), "mean-image baseline"));
+    plots::frontier(
+        &dir.join("frontier"),
+        "Privacy/utility frontier (95% CI over seeds; left = more private)",
+        "strongest attack's mean PSNR (dB)",
+        "final test accuracy (%)",
+        &series,
+        marker,
+    )
+}
+
 /// Writes summary.csv, summary.json, plots/ and report.md of a sweep directory.
 pub fn write_sweep_report(dir: &Path) -> Result<()> {
     let layout = SweepLayout::new(dir);
@@ -497,49 +608,62 @@ fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<Str
     writeln!(md, "## Privacy / utility\n")?;
     write!(
         md,
-        "| setting | seeds | final accuracy (%) | jigsaw accuracy (%) | consistency (%) |"
+        "| setting | defense | epsilon | seeds | final accuracy (%) | jigsaw accuracy (%) | consistency (%) | strongest attack PSNR (dB) |"
     )?;
     for a in &s.attacks {
-        write!(md, " {a} PSNR mean (dB) | {a} PSNR median | {a} SSIM |")?;
+        write!(
+            md,
+            " {a} PSNR mean (dB) | {a} PSNR median | {a} SSIM | {a} > 20 dB (%) |"
+        )?;
     }
     writeln!(md, " label acc (%) |")?;
-    write!(md, "|---|---:|---:|---:|---:|")?;
+    write!(md, "|---|---|---:|---:|---:|---:|---:|---:|")?;
     for _ in &s.attacks {
-        write!(md, "---:|---:|---:|")?;
+        write!(md, "---:|---:|---:|---:|")?;
     }
     writeln!(md, "---:|")?;
     for x in &s.settings {
         write!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             x.setting,
+            x.defense.label(),
+            plus_minus_ci(&x.epsilon, 1.0, 2),
             x.seeds,
-            plus_minus(&x.acc, 100.0, 2),
-            plus_minus(&x.jig, 100.0, 2),
-            plus_minus(&x.cons, 100.0, 2)
+            plus_minus_ci(&x.acc, 100.0, 2),
+            plus_minus_ci(&x.jig, 100.0, 2),
+            plus_minus_ci(&x.cons, 100.0, 2),
+            plus_minus_ci(&x.strongest, 1.0, 2)
         )?;
         let mut labels = Vec::new();
         for a in &s.attacks {
             match x.attacks.get(a) {
                 Some(v) => {
                     let col = |f: fn(&CellAttack) -> f64| v.iter().map(f).collect::<Vec<_>>();
-                    labels.extend(col(|c| c.label_accuracy));
+                    // Every attack uses the labels recovered once per update: one column's worth.
+                    if labels.is_empty() {
+                        labels.extend(col(|c| c.label_accuracy));
+                    }
                     write!(
                         md,
-                        " {} | {} | {} |",
-                        plus_minus(&col(|c| c.mean_psnr), 1.0, 2),
-                        plus_minus(&col(|c| c.median_psnr), 1.0, 2),
-                        plus_minus(&col(|c| c.ssim), 1.0, 3)
+                        " {} | {} | {} | {} |",
+                        plus_minus_ci(&col(|c| c.mean_psnr), 1.0, 2),
+                        plus_minus_ci(&col(|c| c.median_psnr), 1.0, 2),
+                        plus_minus_ci(&col(|c| c.ssim), 1.0, 3),
+                        plus_minus_ci(&col(|c| c.recovered), 100.0, 0)
                     )?;
                 }
-                None => write!(md, " - | - | - |")?,
+                None => write!(md, " - | - | - | - |")?,
             }
         }
-        writeln!(md, " {} |", plus_minus(&labels, 100.0, 1))?;
+        writeln!(md, " {} |", plus_minus_ci(&labels, 100.0, 1))?;
     }
     writeln!(
         md,
-        "\n± is the standard deviation across seeds. PSNR/SSIM are against the original private image.\n"
+        "\n± is the half-width of the 95% confidence interval over seeds (Student's t). PSNR/SSIM \
+         are against the original private image; the strongest attack is, per seed, the best \
+         mean PSNR of any attack but the mean-image baseline. epsilon: the largest of any \
+         client at the end (local DP, delta as configured), `-` without noise.\n"
     )?;
     writeln!(md, "## Plots\n")?;
     writeln!(md, "![accuracy vs round](plots/accuracy_vs_round.png)\n")?;
@@ -555,6 +679,14 @@ fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<Str
     writeln!(md, "![PSNR vs shuffle ratio](plots/psnr_vs_ratio.png)\n")?;
     if drawn.main_attack.is_some() {
         writeln!(md, "![privacy/utility](plots/privacy_utility.png)\n")?;
+    }
+    if layout.plots().join("frontier.png").exists() {
+        writeln!(
+            md,
+            "The privacy/utility frontier against the strongest attacker: one point per setting, \
+             95% CIs on both axes, MJP joined by shuffle ratio, local DP by noise multiplier.\n\n\
+             ![frontier](plots/frontier.png)\n"
+        )?;
     }
     if !drawn.montage.is_empty() {
         writeln!(
