@@ -63,6 +63,15 @@ pub struct AttackCmdArgs {
     /// DAL weight of the made updates.
     #[arg(long, default_value_t = 0.01)]
     dal_lambda: f64,
+    /// Client defense of the made updates: prune this fraction of each tensor's smallest entries.
+    #[arg(long, default_value_t = 0.0)]
+    prune: f64,
+    /// Client defense: clip each made update to this L2 norm (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    clip_norm: f64,
+    /// Client defense: Gaussian noise of this multiple of --clip-norm (local DP).
+    #[arg(long, default_value_t = 0.0)]
+    noise_multiplier: f64,
     /// Seed (model init, jigsaws).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -108,6 +117,15 @@ pub fn run(args: AttackCmdArgs) -> Result<()> {
                 lr: args.local_lr,
             }),
         dal_lambda: args.dal_lambda,
+        defense: {
+            let d = mjp::Defense {
+                prune_fraction: args.prune,
+                clip_norm: args.clip_norm,
+                noise_multiplier: args.noise_multiplier,
+            };
+            d.validate().map_err(anyhow::Error::msg)?;
+            d
+        },
         seed: args.seed,
         data_dir: args.data_dir.clone(),
         out: args.out.clone(),

@@ -146,21 +146,31 @@ mod accountant {
         format!("{:?}: {}", e.variant, e.message.unwrap_or_default())
     }
 
+    type Gaussian = opendp::core::Measurement<
+        VectorDomain<AtomDomain<f64>>,
+        L2Distance<f64>,
+        ZeroConcentratedDivergence,
+        Vec<f64>,
+    >;
+
+    /// opendp's Gaussian mechanism on real vectors, noise `sigma`, zCDP output measure.
+    fn gaussian(sigma: f64) -> Result<Gaussian, String> {
+        make_gaussian::<_, _, ZeroConcentratedDivergence>(
+            VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
+            L2Distance::<f64>::default(),
+            sigma,
+            None,
+        )
+        .map_err(message)
+    }
+
     /// The Gaussian mechanism of sensitivity 1 whose zCDP is `rho` (`sigma = 1 / sqrt(2 rho)`;
     /// rho of releases composes by adding, so this stands for all of them), converted by opendp.
     pub fn zcdp_to_epsilon(rho: f64, delta: f64) -> Result<f64, String> {
         if !(rho > 0.0 && rho.is_finite()) {
             return Err(format!("rho must be > 0 and finite, got {rho}"));
         }
-        let sigma = 1.0 / (2.0 * rho).sqrt();
-        let gauss = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-            VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
-            L2Distance::<f64>::default(),
-            sigma,
-            None,
-        )
-        .map_err(message)?;
-        let approx = make_zCDP_to_approxDP(gauss).map_err(message)?;
+        let approx = make_zCDP_to_approxDP(gaussian(1.0 / (2.0 * rho).sqrt())?).map_err(message)?;
         let fixed = make_fix_delta(&approx, delta).map_err(message)?;
         let (eps, _) = fixed.map(&1.0).map_err(message)?;
         Ok(eps)
@@ -171,14 +181,7 @@ mod accountant {
     #[cfg(test)]
     pub fn composed_epsilon(s: f64, sigma: f64, k: usize, delta: f64) -> Result<f64, String> {
         use opendp::combinators::make_composition;
-        let gauss = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-            VectorDomain::new(AtomDomain::<f64>::new_non_nan()),
-            L2Distance::<f64>::default(),
-            sigma,
-            None,
-        )
-        .map_err(message)?;
-        let composed = make_composition(vec![gauss; k]).map_err(message)?;
+        let composed = make_composition(vec![gaussian(sigma)?; k]).map_err(message)?;
         let approx = make_zCDP_to_approxDP(composed).map_err(message)?;
         let fixed = make_fix_delta(&approx, delta).map_err(message)?;
         Ok(fixed.map(&s).map_err(message)?.0)

@@ -76,6 +76,8 @@ pub struct OfflineJob {
     pub fedavg: Option<LocalTraining>,
     /// DAL weight of made updates.
     pub dal_lambda: f64,
+    /// What each made update's client does to it before the adversary sees it.
+    pub defense: mjp::Defense,
     /// Seed (model init, jigsaws).
     pub seed: u64,
     /// Directory that scripts/fetch-data.sh filled (images and the public mean image).
@@ -165,8 +167,12 @@ pub fn run_offline(
                     rc.local_epochs = f.epochs.max(1);
                     rc.learning_rate = f.lr;
                 }
+                rc.defense = job.defense;
                 let client = format!("case-{k:03}");
-                let local = local_update(&model, &part, 0, 0, &client, &rc, &device)?;
+                let mut local = local_update(&model, &part, 0, 0, &client, &rc, &device)?;
+                // As a client does before upload; the noise seed is the job's, not the case's.
+                let mut noise = mjp::defense::noise_rng(Some(job.seed), seed);
+                mjp::defense::apply(&rc.defense, &mut local.update.tensors, &mut noise);
                 mjpfl_client::runner::write_audit(&audit, &local.audit)?;
                 let observed = ObservedUpdate {
                     sequence: k as u64,

@@ -135,6 +135,25 @@ where
     Ok(())
 }
 
+/// Draws `draw` once into `<stem>.png` and once into `<stem>.svg`.
+fn png_and_svg(
+    stem: &Path,
+    draw: impl Fn(DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,
+    draw_svg: impl Fn(DrawingArea<SVGBackend<'_>, Shift>) -> Result<()>,
+) -> Result<()> {
+    register_font();
+    if let Some(dir) = stem.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    draw(BitMapBackend::new(&png, (WIDTH, HEIGHT)).into_drawing_area())
+        .with_context(|| format!("drawing {}", png.display()))?;
+    draw_svg(SVGBackend::new(&svg, (WIDTH, HEIGHT)).into_drawing_area())
+        .with_context(|| format!("drawing {}", svg.display()))?;
+    Ok(())
+}
+
 /// Writes `<stem>.png` and `<stem>.svg`: lines (`lines = true`) or a scatter.
 pub fn chart(
     stem: &Path,
@@ -144,31 +163,11 @@ pub fn chart(
     series: &[Series],
     lines: bool,
 ) -> Result<()> {
-    register_font();
-    if let Some(dir) = stem.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    draw(
-        BitMapBackend::new(&png, (WIDTH, HEIGHT)).into_drawing_area(),
-        title,
-        x_label,
-        y_label,
-        series,
-        lines,
+    png_and_svg(
+        stem,
+        |root| draw(root, title, x_label, y_label, series, lines),
+        |root| draw(root, title, x_label, y_label, series, lines),
     )
-    .with_context(|| format!("drawing {}", png.display()))?;
-    draw(
-        SVGBackend::new(&svg, (WIDTH, HEIGHT)).into_drawing_area(),
-        title,
-        x_label,
-        y_label,
-        series,
-        lines,
-    )
-    .with_context(|| format!("drawing {}", svg.display()))?;
-    Ok(())
 }
 
 /// A point with its 95% confidence half-widths on both axes.
@@ -332,31 +331,11 @@ pub fn frontier(
     series: &[ErrSeries],
     x_marker: Option<(f64, &str)>,
 ) -> Result<()> {
-    register_font();
-    if let Some(dir) = stem.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    draw_frontier(
-        BitMapBackend::new(&png, (WIDTH, HEIGHT)).into_drawing_area(),
-        title,
-        x_label,
-        y_label,
-        series,
-        x_marker,
+    png_and_svg(
+        stem,
+        |root| draw_frontier(root, title, x_label, y_label, series, x_marker),
+        |root| draw_frontier(root, title, x_label, y_label, series, x_marker),
     )
-    .with_context(|| format!("drawing {}", png.display()))?;
-    draw_frontier(
-        SVGBackend::new(&svg, (WIDTH, HEIGHT)).into_drawing_area(),
-        title,
-        x_label,
-        y_label,
-        series,
-        x_marker,
-    )
-    .with_context(|| format!("drawing {}", svg.display()))?;
-    Ok(())
 }
 
 /// Stacks PNG images vertically, each with a caption to its left, into one PNG.
