@@ -67,9 +67,10 @@ pub fn expectation(r: &UpdateRecord, fedavg_skip: Option<&str>) -> Expectation {
             why: format!(
                 "FedAvg deltas of {steps} local SGD steps of batch {b} over {n} examples (the \
                  cross-device regime): the FedAvg-aware attack (`fedavg-ig`) simulates the \
-                 client's local training. Measured against a learned position embedding it \
-                 stays close to the mean image: 1.6 dB above it on clients of 8 examples, 0.5 dB \
-                 on clients of 50 (docs/results, 'Attacks per regime'){}",
+                 client's local training. Measured against a learned position embedding: 3.4 dB \
+                 above the mean image on clients of 4 examples in one batch, 1.6-2.0 dB on \
+                 clients of 8, 0.5 dB on clients of 50 (docs/results, 'Attacks per regime'; \
+                 `--attack-restarts 4 --attack-fuse-restarts` for the larger figures){}",
                 if n <= SMALL_CLIENT {
                     "."
                 } else {
