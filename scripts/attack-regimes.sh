@@ -48,6 +48,26 @@ for pe in "learned" "mjp --ratio 0.1" "mjp --ratio 0.5"; do
     --client-size 50 --batch 10 --local-lr 0.05 --attacks fedavg-ig,ig-pe,mean-image
 done
 
+# Restarts fused (4 restarts matched and averaged: --attack-fuse-restarts) and a longer descent
+# on the 8-image clients, and clients of 4 images (learned PE).
+fuse=(--attack-restarts 4 --attack-fuse-restarts)
+learned=(--images fashion-mnist --split test --preset vit-micro-28 --attack-tv 5e-2 --pe learned --local-lr 0.05)
+run "fedavg-n8-b4-e2-learned-fuse4" "${learned[@]}" --count 16 --client-size 8 --batch 4 \
+  --fedavg-epochs 2 --attack-iterations 300 "${fuse[@]}" --attacks fedavg-ig,mean-image
+run "fedavg-n8-b4-e2-learned-it1000" "${learned[@]}" --count 16 --client-size 8 --batch 4 \
+  --fedavg-epochs 2 --attack-iterations 1000 --attacks fedavg-ig,mean-image
+run "fedavg-n4-b4-e3-learned-fuse4" "${learned[@]}" --attack-iterations 300 "${fuse[@]}" \
+  --attacks fedavg-ig,ig-pe,mean-image --count 8 --client-size 4 --batch 4 --fedavg-epochs 3
+run "fedavg-n4-b2-e2-learned-fuse4" "${learned[@]}" --attack-iterations 300 "${fuse[@]}" \
+  --attacks fedavg-ig,ig-pe,mean-image --count 8 --client-size 4 --batch 2 --fedavg-epochs 2
+
+# CIFAR-10 (the 20 real images) on vit-tiny-32, FedSGD batch 1: the closed forms.
+cifar=(--images folder:data/attack-targets/cifar10 --count 20 --preset vit-tiny-32)
+for pe in "${pe_modes[@]}"; do
+  # shellcheck disable=SC2086
+  run "cifar-tiny32-b1-closed-$(tag "$pe")" "${cifar[@]}" --pe $pe --attacks april,april-mjp,mean-image
+done
+
 # FedSGD: one gradient per batch of B images (10 images at B = 1, 12 at B = 4, 16 at 8 and 16).
 for b in 1 4 8 16; do
   count=16; [[ $b -eq 1 ]] && count=10; [[ $b -eq 4 ]] && count=12
