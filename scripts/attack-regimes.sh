@@ -71,6 +71,7 @@ done
 cifar_opt=("${cifar[@]}" --attack-tv 5e-2 --attack-iterations "${ITER_CIFAR:-100}" --batch 4)
 run "cifar-tiny32-b4-learned" "${cifar_opt[@]}" --pe learned --attacks ig-pe,mean-image
 run "cifar-tiny32-b4-mjp0.5" "${cifar_opt[@]}" --pe mjp --ratio 0.5 --attacks ig-pe,ig-pe-adaptive,mean-image
+run "cifar-tiny32-b4-none" "${cifar_opt[@]}" --pe none --attacks ig-pe,mean-image
 run "cifar-tiny32-b1-none" "${cifar[@]}" --attack-tv 5e-2 --attack-iterations "${ITER_CIFAR:-100}" \
   --batch 1 --pe none --attacks ig-pe,mean-image
 
