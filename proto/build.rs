@@ -3,6 +3,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=federation.proto");
     let descriptors = protox::compile(["federation.proto"], ["."])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Chunk payloads as `Bytes`: decoded as a slice of the receive buffer, not copied out of it.
+    tonic_prost_build::configure()
+        .bytes(".mjpfl.v1.TensorChunk.data")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -352,7 +352,7 @@ pub fn client(args: ClientArgs) -> Result<()> {
         device: args.device,
         audit_dir: args.audit_dir,
         reconnect_for: Duration::from_secs_f64(args.reconnect_for),
-        training_permits: None,
+        workers: None,
         shared: None,
         noise_seed: None,
     };
@@ -386,8 +386,10 @@ pub struct SimulateArgs {
     /// Do not write the clients' private batches (the scorer then cannot score attacks).
     #[arg(long)]
     pub no_audit: bool,
-    /// Clients training at the same time (each uses all cores for its gradient).
-    #[arg(long, default_value_t = 1)]
+    /// Clients training at the same time, each on its own share of the cores (0: one per core,
+    /// at most the round's cohort). Results do not depend on it: updates are folded in
+    /// client-id order.
+    #[arg(long, default_value_t = 0)]
     pub train_concurrency: usize,
     #[command(flatten)]
     pub attacks: crate::adversary::AttackArgs,

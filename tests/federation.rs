@@ -245,14 +245,18 @@ async fn bad_updates_are_refused_with_their_status_and_leave_the_model_bit_ident
             "oversized chunk",
             Code::ResourceExhausted,
             messages(&token, t, &zeros, |_, c| {
-                c[0].data = vec![0u8; mjpfl_proto::MAX_CHUNK_BYTES + 4];
+                c[0].data = vec![0u8; mjpfl_proto::MAX_CHUNK_BYTES + 4].into();
                 c[0].crc32 = crc32fast::hash(&c[0].data);
             }),
         ),
         (
             "corrupted chunk",
             Code::DataLoss,
-            messages(&token, t, &zeros, |_, c| c[1].data[0] ^= 0x40),
+            messages(&token, t, &zeros, |_, c| {
+                let mut d = c[1].data.to_vec();
+                d[0] ^= 0x40;
+                c[1].data = d.into();
+            }),
         ),
         (
             "truncated stream",

@@ -7,7 +7,8 @@
 //!
 //! Layout: `protocol` (the Federation protocol on domain types: connect, join, task, download,
 //! submit, status), `runner` (the training client's loop and retry policy), `observer` (the
-//! adversary's tap connection), `error`.
+//! adversary's tap connection), `workers` (thread pools that in-process clients train on),
+//! `error`.
 
 pub mod error;
 pub mod observer;
@@ -15,6 +16,7 @@ pub mod protocol;
 pub mod runner;
 pub mod shared;
 pub mod transport;
+pub mod workers;
 
 pub use error::{ClientError, Result};
 pub use runner::{ClientConfig, ClientSummary, run};

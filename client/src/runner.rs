@@ -11,12 +11,13 @@ use mjp::data::{DataSource, Dataset};
 use mjp::fl::{AuditRecord, RoundConfig, local_update};
 use mjp::layout::AuditLayout;
 use mjp::{DeviceSpec, Vit, VitConfig};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tonic::Code;
 
 use crate::error::{ClientError, Result};
 use crate::protocol::{ClientTls, JoinParams, Joined, PartitionInfo, Protocol, Target, Task};
 use crate::shared::SharedClients;
+use crate::workers::TrainingWorkers;
 
 /// How a client runs.
 #[derive(Clone, Debug)]
@@ -41,8 +42,9 @@ pub struct ClientConfig {
     pub audit_dir: Option<PathBuf>,
     /// Give up after the coordinator has been unreachable this long.
     pub reconnect_for: Duration,
-    /// Limits concurrent local training across in-process clients (simulate).
-    pub training_permits: Option<Arc<Semaphore>>,
+    /// Workers that in-process clients train on, one client per worker at a time (simulate;
+    /// `None`: train on the calling thread with the global thread pool).
+    pub workers: Option<Arc<TrainingWorkers>>,
     /// Data and connections shared with the other clients of this process (simulate).
     pub shared: Option<Arc<SharedClients>>,
     /// Private seed of the client's defense noise (simulated clients, for reproducible runs;
@@ -64,7 +66,7 @@ impl ClientConfig {
             device: DeviceSpec::Flex,
             audit_dir: None,
             reconnect_for: Duration::from_secs(120),
-            training_permits: None,
+            workers: None,
             shared: None,
             noise_seed: None,
         }
@@ -362,25 +364,29 @@ async fn train_and_submit(
         .expect("joined clients have data")
         .1
         .clone();
-    let _permit = match &config.training_permits {
-        Some(p) => {
-            let closed = |_| ClientError::Local("training permits closed: shutting down".into());
-            Some(p.clone().acquire_owned().await.map_err(closed)?)
-        }
+    let worker = match &config.workers {
+        Some(w) => Some(w.acquire().await?),
         None => None,
     };
     let (model, client_id) = (model.clone(), s.joined.client_id.clone());
     let noise_seed = config.noise_seed;
     let result = tokio::task::spawn_blocking(move || {
-        let mut result = local_update(
-            &model,
-            &data,
-            round,
-            version,
-            &client_id,
-            &round_config,
-            &device,
-        )?;
+        let train = || {
+            local_update(
+                &model,
+                &data,
+                round,
+                version,
+                &client_id,
+                &round_config,
+                &device,
+            )
+        };
+        let mut result = match &worker {
+            Some(w) => w.install(train),
+            None => train(),
+        }?;
+        drop(worker);
         // The round's defense, before anything leaves the client.
         let defense = round_config.defense;
         if defense.is_active() {
@@ -395,7 +401,6 @@ async fn train_and_submit(
     })
     .await
     .map_err(|e| ClientError::task("training", e))??;
-    drop(_permit);
     if let Some(dir) = &config.audit_dir {
         write_audit(&AuditLayout::new(dir), &result.audit)?;
     }

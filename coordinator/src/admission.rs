@@ -192,6 +192,17 @@ impl Admission {
         max_weight: u64,
         norm_bound: f64,
     ) -> Result<Admitted, String> {
+        self.admit_stats(update.value_stats(), claimed, max_weight, norm_bound)
+    }
+
+    /// [`Self::admit`] on the update's [`NamedTensors::value_stats`], measured once by the caller.
+    pub fn admit_stats(
+        &self,
+        stats: mjp::params::ValueStats,
+        claimed: u64,
+        max_weight: u64,
+        norm_bound: f64,
+    ) -> Result<Admitted, String> {
         if claimed == 0 {
             return Err("num_examples must be >= 1".into());
         }
@@ -207,15 +218,7 @@ impl Admission {
         } else {
             claimed
         };
-        let (mut sq, mut max_abs) = (0.0f64, 0.0f64);
-        for t in update.tensors() {
-            for &v in &t.data {
-                let v = f64::from(v);
-                sq += v * v;
-                max_abs = max_abs.max(v.abs());
-            }
-        }
-        let norm = sq.sqrt();
+        let (norm, max_abs) = (stats.sum_sq.sqrt(), stats.max_abs);
         let scale = if norm > norm_bound {
             match self.section.norm {
                 OverBound::Clip => norm_bound / norm,

@@ -201,7 +201,17 @@ pub struct TrainingSection {
     pub aggregator: AggregatorKind,
     /// Server optimiser (default: SGD lr 1 for FedAvg, Adam 1e-3 for FedSGD).
     pub server_optimizer: Option<ServerOptimizer>,
+    /// Memory (MB) that accepted updates may wait in to be folded in client-id order, so a
+    /// round's aggregate does not depend on the order its updates arrive in (f32 sums are not
+    /// associative). When it is full, the next update is folded out of order and the round's
+    /// record says how many were. Unset: 0 for `mjpfl coordinator` (fold on arrival: memory
+    /// O(model) whatever the cohort), 1024 for `simulate` and `sweep` (reproducible whatever the
+    /// number of clients training at once).
+    pub ordered_fold_mb: Option<u64>,
 }
+
+/// The most `training.ordered_fold_mb` may be.
+pub const MAX_ORDERED_FOLD_MB: u64 = 1 << 20;
 
 impl Default for TrainingSection {
     fn default() -> Self {
@@ -219,6 +229,7 @@ impl Default for TrainingSection {
             local_optimizer: OptimizerKind::AdamW { weight_decay: 0.0 },
             aggregator: AggregatorKind::Mean,
             server_optimizer: None,
+            ordered_fold_mb: None,
         }
     }
 }
@@ -419,6 +430,11 @@ impl CoordinatorConfig {
                     "{name} must be in (0, {MAX_SECS:e}] seconds, not {v}"
                 ));
             }
+        }
+        if t.ordered_fold_mb.is_some_and(|mb| mb > MAX_ORDERED_FOLD_MB) {
+            return bad(format!(
+                "training.ordered_fold_mb must be at most {MAX_ORDERED_FOLD_MB}"
+            ));
         }
         // Every other float: finite (NaN would pass range checks and break the round trip).
         let mut floats = vec![

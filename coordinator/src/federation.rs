@@ -116,6 +116,102 @@ struct OpenRound {
     /// Under the secure-aggregation view: the sum of the accepted updates, which the tap gets
     /// instead of the updates themselves.
     secure: Option<SecureSum>,
+    /// The ordered fold: accepted updates waiting for the clients before them in id order.
+    fold: OrderedFold,
+}
+
+/// Accepted updates are folded in client-id order (f32 sums depend on their order), each as soon
+/// as every sampled client before it has been folded or has not sent anything yet and memory
+/// allows waiting; at most `budget` bytes wait (0: fold on arrival).
+#[derive(Default)]
+struct OrderedFold {
+    pending: BTreeMap<String, Pending>,
+    pending_bytes: usize,
+    budget: usize,
+    /// The last client folded in order.
+    cursor: Option<String>,
+    /// Updates folded out of order because the budget was full.
+    out_of_order: u32,
+}
+
+/// An accepted update waiting for its turn.
+struct Pending {
+    config: mjp::fl::RoundConfig,
+    update: Arc<ModelUpdate>,
+    weight: f64,
+    scale: f64,
+}
+
+impl OpenRound {
+    /// Folds one accepted update into the aggregate, the metrics and the secure sum.
+    fn fold_now(&mut self, client_id: &str, p: &Pending) {
+        // Metric values are finite and bounded (admission), so their sums are too.
+        for (k, v) in &p.update.metrics {
+            let e = self.metrics.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+        self.aggregator.fold(&p.update.tensors, p.weight, p.scale);
+        if let Some(sum) = &mut self.secure {
+            sum.add(client_id, &p.config, &p.update);
+        }
+    }
+
+    /// Takes an accepted update (already in `submitted`) and folds every update whose turn has
+    /// come.
+    fn enqueue(&mut self, client_id: String, p: Pending) {
+        if self.fold.budget == 0 {
+            self.fold_now(&client_id, &p);
+            return;
+        }
+        self.fold.pending_bytes += p.update.tensors.numel() * 4;
+        self.fold.pending.insert(client_id, p);
+        loop {
+            // The first sampled client after the cursor not folded yet.
+            let after = match &self.fold.cursor {
+                Some(c) => (
+                    std::ops::Bound::Excluded(c.clone()),
+                    std::ops::Bound::Unbounded,
+                ),
+                None => (std::ops::Bound::Unbounded, std::ops::Bound::Unbounded),
+            };
+            let next = self
+                .sampled
+                .range::<String, _>(after)
+                .find(|c| !self.submitted.contains(*c) || self.fold.pending.contains_key(*c))
+                .cloned();
+            let Some(next) = next else { break };
+            let Some(p) = self.fold.pending.remove(&next) else {
+                break;
+            };
+            self.fold.pending_bytes -= p.update.tensors.numel() * 4;
+            self.fold_now(&next, &p);
+            self.fold.cursor = Some(next);
+        }
+        while self.fold.pending_bytes > self.fold.budget {
+            let Some((id, p)) = self.fold.pending.pop_first() else {
+                break;
+            };
+            self.fold.pending_bytes -= p.update.tensors.numel() * 4;
+            self.fold_now(&id, &p);
+            self.fold.out_of_order += 1;
+        }
+    }
+
+    /// Folds every waiting update, in client-id order (the round has closed).
+    fn flush(&mut self) {
+        while let Some((id, p)) = self.fold.pending.pop_first() {
+            self.fold_now(&id, &p);
+        }
+        self.fold.pending_bytes = 0;
+        if self.fold.out_of_order > 0 {
+            tracing::warn!(
+                "round {}: {} updates folded out of client-id order (training.ordered_fold_mb is full); the aggregate depends on their arrival order",
+                self.round,
+                self.fold.out_of_order
+            );
+        }
+    }
 }
 
 /// The secure-aggregation view of one round: what secure aggregation reveals to the server (the

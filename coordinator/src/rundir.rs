@@ -44,6 +44,10 @@ pub struct RoundRecord {
     pub aggregated: Vec<String>,
     /// Updates refused (validation failures and late arrivals).
     pub rejected: u32,
+    /// Updates folded out of client-id order because `training.ordered_fold_mb` was full (0
+    /// when the round's aggregate is independent of arrival order, or the fold is on arrival).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub folded_out_of_order: u32,
     /// Why it closed: "all-submitted" or "deadline".
     pub closed_by: String,
     /// Mean client-reported metrics.
@@ -257,4 +261,8 @@ pub fn read_rounds(root: &Path) -> Result<Vec<RoundRecord>> {
             })
         })
         .collect()
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }

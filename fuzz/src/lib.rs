@@ -221,7 +221,7 @@ fn chunks_as(
                 tensor_index: i as u32,
                 offset: offset as u64,
                 crc32: crc32fast::hash(piece),
-                data: piece.to_vec(),
+                data: piece.to_vec().into(),
             });
             offset += piece.len();
         }

@@ -12,8 +12,9 @@ use mjp::layout::RunLayout;
 use mjpfl_attacks::{AdversaryConfig, AdversarySettings};
 use mjpfl_client::ClientConfig;
 use mjpfl_client::shared::SharedClients;
+use mjpfl_client::workers::TrainingWorkers;
 use mjpfl_coordinator::{Coordinator, CoordinatorConfig, Federation};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::error::{LabError, Result};
 use crate::feed::{AttackWorker, InProcess, public_mean_image};
@@ -22,12 +23,17 @@ use crate::runtime::progress_bar;
 /// Simulated clients per shared HTTP/2 connection.
 const CLIENTS_PER_CONNECTION: usize = 8;
 
+/// Memory the coordinator of a simulation may hold accepted updates in while they wait for their
+/// turn in the client-id-ordered fold (unless the configuration sets `ordered_fold_mb`).
+pub const SIMULATION_ORDERED_FOLD_MB: u64 = 1024;
+
 /// How a simulation runs, beside the coordinator's configuration.
 #[derive(Clone, Debug)]
 pub struct SimulationOptions {
     /// Simulated clients write their private batches to `audit/` (so attacks can be scored).
     pub audit: bool,
-    /// Clients training at the same time (each uses all cores for its gradient).
+    /// Clients training at the same time, the machine's cores split between them (0: one per
+    /// core, at most the round's cohort).
     pub train_concurrency: usize,
     /// The adversary, if one attacks the updates.
     pub adversary: Option<AdversarySettings>,
@@ -39,7 +45,7 @@ impl Default for SimulationOptions {
     fn default() -> Self {
         Self {
             audit: true,
-            train_concurrency: 1,
+            train_concurrency: 0,
             adversary: Some(AdversarySettings::default()),
             device: DeviceSpec::Flex,
         }
@@ -71,6 +77,7 @@ pub async fn run_simulation(
         .min_clients
         .max(config.federation.clients_per_round);
     let rounds = config.federation.rounds;
+    let cohort = config.federation.clients_per_round as usize;
     let data_dir = config.data.data_dir.clone();
     let dataset = config.data.dataset.clone();
     let run = RunLayout::new(out);
@@ -79,6 +86,12 @@ pub async fn run_simulation(
     let mut config = config;
     let connections = (n as usize).div_ceil(CLIENTS_PER_CONNECTION) + 64;
     config.server.max_connections = config.server.max_connections.max(connections);
+    // Updates are folded in client-id order whatever order they arrive in, so the run does not
+    // depend on how many clients train at once.
+    config
+        .training
+        .ordered_fold_mb
+        .get_or_insert(SIMULATION_ORDERED_FOLD_MB);
     let coordinator = Coordinator::start(config, out).await?;
     let endpoint = format!("http://{}", coordinator.addr);
     let federation = coordinator.federation.clone();
@@ -103,7 +116,12 @@ pub async fn run_simulation(
         }
         None => None,
     };
-    let permits = Arc::new(Semaphore::new(options.train_concurrency.max(1)));
+    let workers = TrainingWorkers::split_cores(options.train_concurrency, cohort)?;
+    tracing::info!(
+        "clients train on {} workers of {} threads",
+        workers.workers(),
+        workers.threads()
+    );
     let shared = SharedClients::new(CLIENTS_PER_CONNECTION);
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -112,7 +130,7 @@ pub async fn run_simulation(
         c.data_dir = data_dir.clone();
         c.device = options.device;
         c.audit_dir = options.audit.then(|| run.audit().dir().to_path_buf());
-        c.training_permits = Some(permits.clone());
+        c.workers = Some(workers.clone());
         c.shared = Some(shared.clone());
         c.join_secret = federation.config().federation.join_secret.clone();
         // Reproducible defense noise; the adversary never reads this seed (a real client's

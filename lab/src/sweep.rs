@@ -142,7 +142,9 @@ pub async fn run_sweep(
             };
             let options = SimulationOptions {
                 audit: true,
-                train_concurrency: 1,
+                // One cell at a time: its clients share the cores; cells side by side: one
+                // client of each at a time, as before.
+                train_concurrency: if parallel <= 1 { 0 } else { 1 },
                 adversary: (!file.adversary.attacks.is_empty()).then(|| file.adversary.clone()),
                 device: options.device,
             };

@@ -36,6 +36,17 @@ impl NamedTensor {
 /// A tensor's name and a borrowed safetensors view of its bytes.
 type NamedView<'a> = (&'a str, TensorView<'a>);
 
+/// What [`NamedTensors::value_stats`] measures.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ValueStats {
+    /// Sum of the squares of every value (f64).
+    pub sum_sq: f64,
+    /// The largest magnitude (NaN when a value is NaN).
+    pub max_abs: f64,
+    /// Every value is finite.
+    pub finite: bool,
+}
+
 /// A model-shaped set of named tensors, in the model's visiting order.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NamedTensors {
@@ -166,8 +177,42 @@ impl NamedTensors {
         Ok(())
     }
 
+    /// The sum of squares and the largest magnitude of every value, in one vectorised pass (8
+    /// lanes, the same result on every run). A NaN or infinity makes the sum non-finite.
+    pub fn value_stats(&self) -> ValueStats {
+        const L: usize = 8;
+        // Magnitudes compared as bits (|v| as u32 orders like |v|, and NaN/inf are the largest):
+        // integer max vectorises where float max with NaN semantics does not.
+        let (mut sq, mut max) = ([0f64; L], [0u32; L]);
+        for t in &self.tensors {
+            let lanes = t.data.chunks_exact(L);
+            let tail = lanes.remainder();
+            for c in lanes {
+                for i in 0..L {
+                    let v = f64::from(c[i]);
+                    sq[i] += v * v;
+                    max[i] = max[i].max(c[i].to_bits() & 0x7fff_ffff);
+                }
+            }
+            for &v in tail {
+                sq[0] += f64::from(v) * f64::from(v);
+                max[0] = max[0].max(v.to_bits() & 0x7fff_ffff);
+            }
+        }
+        let max = max.into_iter().max().unwrap_or(0);
+        ValueStats {
+            sum_sq: sq.iter().sum(),
+            max_abs: f64::from(f32::from_bits(max)),
+            finite: max < f32::INFINITY.to_bits(),
+        }
+    }
+
     /// Errors on the first NaN or infinity.
     pub fn check_finite(&self) -> Result<()> {
+        // One vectorised pass in the common case; the slow scan only finds what to report.
+        if self.value_stats().finite {
+            return Ok(());
+        }
         for t in &self.tensors {
             if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
                 return Err(MjpError::Tensor {

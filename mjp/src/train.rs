@@ -216,7 +216,7 @@ pub struct Gradients {
 /// Forward and backward on one batch with an autodiff model.
 ///
 /// burn's CPU backend runs one pass on about one core, so the batch is split into shards that run
-/// on separate threads (see [`gradient_threads`]); their gradients are combined with weights
+/// in parallel where threads are free (see [`gradient_threads`]); their gradients are combined with weights
 /// proportional to shard size, which gives exactly the full-batch gradient of the mean loss.
 pub fn compute_gradients(
     model: &Vit,
@@ -259,31 +259,29 @@ pub fn compute_gradients_with_threads(
     let bounds: Vec<(usize, usize)> = (0..shards)
         .map(|k| (k * n / shards, (k + 1) * n / shards))
         .collect();
-    let parts: Vec<Gradients> = std::thread::scope(|scope| {
-        let handles: Vec<_> = bounds
-            .iter()
-            .map(|&(start, end)| {
-                // A fork has its own autodiff graph; shards sharing parameter nodes would be
-                // merged into one mutex-protected graph and run one after another.
-                let model = model.clone().fork(&model.device());
-                let sub = batch.slice(start, end);
-                let sub_plan = plan.as_ref().map(|p| p.slice(start, end));
-                scope.spawn(move || {
-                    compute_gradients_single(
-                        &model,
-                        &sub,
-                        sub_plan,
-                        shard_lambda,
-                        normalized_targets,
-                    )
-                })
+    // The shards run on the calling thread's rayon pool: a training worker's own pool when the
+    // client trains on one (`mjpfl_client::workers`; shards one after another on a 1-thread
+    // worker), else the global pool. The shards (and so the gradient, bit for bit) are the same
+    // either way; only where they run changes.
+    let jobs: Vec<_> = bounds
+        .iter()
+        .map(|&(start, end)| {
+            // A fork has its own autodiff graph; shards sharing parameter nodes would be merged
+            // into one mutex-protected graph and run one after another.
+            let model = model.clone().fork(&model.device());
+            let sub = batch.slice(start, end);
+            let sub_plan = plan.as_ref().map(|p| p.slice(start, end));
+            (model, sub, sub_plan)
+        })
+        .collect();
+    let parts: Vec<Gradients> = {
+        use rayon::prelude::*;
+        jobs.into_par_iter()
+            .map(|(model, sub, sub_plan)| {
+                compute_gradients_single(&model, &sub, sub_plan, shard_lambda, normalized_targets)
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("gradient worker panicked"))
             .collect()
-    });
+    };
     let weights: Vec<f64> = bounds
         .iter()
         .map(|&(a, b)| (b - a) as f64 / n as f64)
@@ -318,8 +316,9 @@ pub fn compute_gradients_with_threads(
 /// Smallest shard worth a thread of its own.
 const MIN_SHARD: usize = 8;
 
-/// Threads used for one gradient computation: `MJPFL_GRAD_THREADS`, else the available cores
-/// (at most 4).
+/// Shards of one gradient computation (batches of at least 16 are split in this many, computed in
+/// parallel where threads are free): `MJPFL_GRAD_THREADS`, else the available cores (at most 4).
+/// The gradient depends on it (f32 sums of shards), not on the threads that compute the shards.
 pub fn gradient_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| {

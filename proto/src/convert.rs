@@ -137,10 +137,12 @@ impl<T> Iterator for Chunks<T> {
         }
         let t = tensors.get(self.tensor)?;
         let end = (self.element + self.per_chunk).min(t.data.len());
-        let data: Vec<u8> = t.data[self.element..end]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let values = &t.data[self.element..end];
+        let data: prost::bytes::Bytes = if cfg!(target_endian = "little") {
+            prost::bytes::Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(values))
+        } else {
+            values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        };
         let chunk = v1::TensorChunk {
             tensor_index: self.tensor as u32,
             offset: (self.element * 4) as u64,
@@ -259,12 +261,17 @@ impl Assembler {
         }
         let out = &mut self.values[index];
         match dtype {
-            v1::Dtype::F32 => out.extend(
-                chunk
-                    .data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
+            v1::Dtype::F32 => {
+                // Little-endian on the wire: a plain copy into the values on little-endian hosts.
+                let start = out.len();
+                out.resize(start + chunk.data.len() / 4, 0.0);
+                let dst = &mut out[start..];
+                bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&chunk.data);
+                if cfg!(target_endian = "big") {
+                    dst.iter_mut()
+                        .for_each(|v| *v = f32::from_bits(v.to_bits().swap_bytes()));
+                }
+            }
             v1::Dtype::F16 => out.extend(
                 chunk
                     .data
@@ -570,7 +577,9 @@ mod tests {
         // corrupted byte
         let mut a = Assembler::new(&specs, &dtypes, 1024);
         let mut bad = chunks[0].clone();
-        bad.data[3] ^= 1;
+        let mut data = bad.data.to_vec();
+        data[3] ^= 1;
+        bad.data = data.into();
         assert!(matches!(a.push(&bad), Err(WireError::DataLoss(_))));
         // oversized chunk
         let mut a = Assembler::new(&specs, &dtypes, 512);

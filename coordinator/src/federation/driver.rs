@@ -11,7 +11,7 @@ use mjp::params::NamedTensors;
 use mjp::train::{EvalOptions, EvalReport, evaluate};
 use tokio::sync::watch;
 
-use super::{Federation, OpenRound, Phase, SecureSum, unix_ms};
+use super::{Federation, OpenRound, OrderedFold, Phase, SecureSum, unix_ms};
 use crate::aggregate::{Aggregator, ServerState, apply};
 use crate::error::{CoordinatorError, Result};
 use crate::rundir::RoundRecord;
@@ -77,8 +77,9 @@ impl Federation {
                     }
                 }
             };
-            let open = self.lock().round.take().expect("round open");
+            let mut open = self.lock().round.take().expect("round open");
             self.notify();
+            open.flush();
             let count = open.aggregator.count() as u32;
             if count < f.min_fit {
                 let mut s = self.lock();
@@ -182,6 +183,11 @@ impl Federation {
                 .at(round)
                 .secure_aggregation
                 .then(SecureSum::default),
+            fold: OrderedFold {
+                budget: (self.config.training.ordered_fold_mb.unwrap_or(0) as usize)
+                    .saturating_mul(1 << 20),
+                ..OrderedFold::default()
+            },
         });
         s.phase = Phase::Training;
         drop(s);
@@ -265,6 +271,7 @@ impl Federation {
             sampled,
             aggregated,
             rejected: open.rejected,
+            folded_out_of_order: open.fold.out_of_order,
             closed_by: closed_by.to_string(),
             client_metrics: open
                 .metrics

@@ -289,11 +289,15 @@ impl Federation {
 
     /// Folds a fully received, validated update into the open round; publishes it on the tap.
     pub fn accept(&self, ticket: UploadTicket, update: ModelUpdate) -> Result<u32, Refusal> {
-        if let Err(e) = update
-            .tensors
-            .check_manifest(&self.manifest)
-            .and_then(|_| update.tensors.check_finite())
-        {
+        // One pass over the values measures what admission needs and finds non-finite ones.
+        let stats = update.tensors.value_stats();
+        if let Err(e) = update.tensors.check_manifest(&self.manifest).and_then(|_| {
+            if stats.finite {
+                Ok(())
+            } else {
+                update.tensors.check_finite()
+            }
+        }) {
             return Err(Refusal::InvalidArgument(e.to_string()));
         }
         self.admission
@@ -309,7 +313,7 @@ impl Federation {
         };
         let admitted = self
             .admission
-            .admit(&update.tensors, update.num_examples, max_weight, norm_bound)
+            .admit_stats(stats, update.num_examples, max_weight, norm_bound)
             .map_err(Refusal::InvalidArgument)?;
         if admitted.weight < update.num_examples as f64 || admitted.scale < 1.0 {
             tracing::warn!(
@@ -325,7 +329,8 @@ impl Federation {
         // Under the secure-aggregation view no single update reaches it (the round's sum does,
         // when the round commits).
         let secure = self.config.defense.at(ticket.round).secure_aggregation;
-        let publish = |accepted: bool, update: ModelUpdate| {
+        let update = Arc::new(update);
+        let publish = |accepted: bool, update: Arc<ModelUpdate>| {
             if !secure {
                 self.tap.publish(ObservedUpdate {
                     sequence: self.tap.next_sequence(),
@@ -333,7 +338,7 @@ impl Federation {
                     accepted,
                     dropped_before: 0,
                     config: ticket.config.clone(),
-                    update: Arc::new(update),
+                    update,
                     contributors: Vec::new(),
                 });
             }
@@ -366,18 +371,17 @@ impl Federation {
             )));
         }
         r.magnitude += adds;
-        // Metric values are finite and bounded (admission), so their sums are too.
-        for (k, v) in &update.metrics {
-            let e = r.metrics.entry(k.clone()).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
-        }
-        // The tap gets the update exactly as received; the mean folds it without a copy.
-        r.aggregator
-            .fold(&update.tensors, admitted.weight, admitted.scale);
-        if let Some(sum) = &mut r.secure {
-            sum.add(&ticket.client_id, &ticket.config, &update);
-        }
+        // The tap gets the update exactly as received; the fold shares it (no copy), in
+        // client-id order when `training.ordered_fold_mb` lets updates wait for their turn.
+        r.enqueue(
+            ticket.client_id.clone(),
+            super::Pending {
+                config: ticket.config.clone(),
+                update: update.clone(),
+                weight: admitted.weight,
+                scale: admitted.scale,
+            },
+        );
         let received = r.submitted.len() as u32;
         drop(s);
         publish(true, update);
