@@ -17,6 +17,23 @@ pub enum BenchCommand {
     Aggregate(AggregateArgs),
     /// Inverting Gradients iterations per second vs a PyTorch double-backward reference.
     Attack(AttackBenchArgs),
+    /// The model's gradient (fused kernels and burn's unfused path) against an independent
+    /// PyTorch implementation in float64.
+    Parity(ParityArgs),
+}
+
+/// Arguments of `bench parity`.
+#[derive(Args, Debug)]
+pub struct ParityArgs {
+    /// Architecture preset (learned PE, cross-entropy).
+    #[arg(long, default_value = "vit-micro-28")]
+    preset: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Python interpreter with torch for the reference.
+    #[arg(long, env = "MJPFL_PYTHON", default_value = "python3")]
+    python: String,
 }
 
 /// Arguments of `bench attack`.
@@ -77,6 +94,9 @@ pub struct TrainStepArgs {
     /// Device of the reference (cpu, cuda:0); defaults to match --device.
     #[arg(long)]
     reference_device: Option<String>,
+    /// Skip timing the step with the fused kernels off (burn's own operations).
+    #[arg(long)]
+    skip_unfused: bool,
 }
 
 /// `mjpfl bench ...`.
@@ -92,6 +112,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             device: a.device.device,
             python: a.python,
             reference_device: a.reference_device,
+            compare_unfused: !a.skip_unfused,
         })?,
         BenchCommand::Aggregate(a) => mjpfl_lab::bench::aggregate(&AggregateBench {
             preset: a.preset,
@@ -99,6 +120,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             concurrency: a.concurrency,
             coordinator_exe: std::env::current_exe().context("locating the mjpfl binary")?,
         })?,
+        BenchCommand::Parity(a) => mjpfl_lab::bench::parity(&a.preset, a.batch, &a.python)?,
         BenchCommand::Attack(a) => mjpfl_lab::bench::attack_speed(&AttackBench {
             preset: a.preset,
             iterations: a.iterations,

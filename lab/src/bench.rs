@@ -45,6 +45,8 @@ pub struct TrainStepBench {
     pub python: String,
     /// Device of the reference (cpu, cuda:0); `None` matches `device`.
     pub reference_device: Option<String>,
+    /// Also time the step with the fused kernels off (burn's own operations).
+    pub compare_unfused: bool,
 }
 
 /// `bench aggregate`.
@@ -92,11 +94,6 @@ pub fn train_step(args: &TrainStepBench) -> Result<()> {
         },
         ..Default::default()
     };
-    let mut trainer = Trainer::new(
-        model,
-        &OptimizerKind::AdamW { weight_decay: 0.05 },
-        objective,
-    );
     let mut rng = Seed(1).rng();
     let n = args.batch * config.channels * config.image_size * config.image_size;
     let pixels: Vec<f32> = (0..n).map(|_| rng.random()).collect();
@@ -104,28 +101,48 @@ pub fn train_step(args: &TrainStepBench) -> Result<()> {
         .map(|_| rng.random_range(0..config.num_classes as u32))
         .collect();
     let batch = Batch::new(pixels, labels, &config, &device);
-    let mut times = Vec::new();
-    for i in 0..args.warmup + args.steps {
-        let t = Instant::now();
-        trainer.step(&batch, 1e-3, 0.5, &mut rng);
-        device
-            .sync()
-            .map_err(|e| LabError::Message(format!("device sync: {e:?}")))?;
-        if i >= args.warmup {
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+    let time_steps = |model: Vit| -> Result<(f64, f64)> {
+        let mut trainer = Trainer::new(
+            model,
+            &OptimizerKind::AdamW { weight_decay: 0.05 },
+            objective.clone(),
+        );
+        let mut rng = Seed(2).rng();
+        let mut times = Vec::new();
+        for i in 0..args.warmup + args.steps {
+            let t = Instant::now();
+            trainer.step(&batch, 1e-3, 0.5, &mut rng);
+            device
+                .sync()
+                .map_err(|e| LabError::Message(format!("device sync: {e:?}")))?;
+            if i >= args.warmup {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
-    }
-    let (mean, std) = mean_std(&times);
+        Ok(mean_std(&times))
+    };
+    let fused_available = mjp::kernels::fused_on(&device, mjp::burn::tensor::DType::F32);
+    let (mean, std) = time_steps(model.clone())?;
     println!(
-        "mjpfl  {} pe={} batch={} device={}: {mean:.1} ms/step (std {std:.1}, {} steps)",
+        "mjpfl  {} pe={} batch={} device={}{}: {mean:.1} ms/step (std {std:.1}, {} steps)",
         args.init
             .as_ref()
             .map_or(args.preset.clone(), |p| p.display().to_string()),
         config.pe,
         args.batch,
         args.device,
+        if fused_available { " fused" } else { "" },
         args.steps
     );
+    if fused_available && args.compare_unfused {
+        // The same steps with burn's own LayerNorm, attention, GELU and AdamW.
+        mjp::kernels::set_enabled(false);
+        let unfused = time_steps(model);
+        mjp::kernels::set_enabled(true);
+        let (u, ustd) = unfused?;
+        println!("mjpfl  unfused (burn's ops): {u:.1} ms/step (std {ustd:.1})");
+        println!("ratio fused/unfused = {:.2}x", mean / u);
+    }
     if args.python == "none" {
         return Ok(());
     }
@@ -169,6 +186,81 @@ fn reference(args: &TrainStepBench, device: &str) -> Result<f64> {
     out["ms_per_step"]
         .as_f64()
         .context("reference output lacks ms_per_step")
+}
+
+/// `bench parity`: the gradient of the cross-entropy of a fresh learned-PE model on a random
+/// batch, computed with the fused kernels and with burn's unfused operations, each compared with
+/// an independent PyTorch implementation in float64 (`bench/reference_parity.py`; float32
+/// PyTorch is reported beside them as the yardstick).
+pub fn parity(preset: &str, batch: usize, python: &str) -> Result<()> {
+    use mjp::NamedTensors;
+    use mjp::train::compute_gradients_with_threads;
+    use std::collections::HashMap;
+
+    let config = mjp::VitConfig::preset(preset)?.with_pe(PeMode::Learned);
+    let device = DeviceSpec::Flex.device()?.autodiff();
+    let model = Vit::new(&config, Seed(0), &device);
+    let mut rng = Seed(3).rng();
+    let n = batch * config.channels * config.image_size * config.image_size;
+    let pixels: Vec<f32> = (0..n).map(|_| rng.random()).collect();
+    let labels: Vec<u32> = (0..batch)
+        .map(|_| rng.random_range(0..config.num_classes as u32))
+        .collect();
+    let dir = tempfile::tempdir().context("making a temporary directory")?;
+    NamedTensors::from_module(&model)
+        .save(&dir.path().join("params.safetensors"), HashMap::new())?;
+    let side = config.image_size;
+    let batch_tensors = NamedTensors::new(vec![
+        mjp::NamedTensor {
+            name: "pixels".into(),
+            shape: vec![batch, config.channels, side, side],
+            data: pixels.clone(),
+        },
+        mjp::NamedTensor {
+            name: "labels".into(),
+            shape: vec![batch],
+            data: labels.iter().map(|&l| l as f32).collect(),
+        },
+    ]);
+    batch_tensors.save(&dir.path().join("batch.safetensors"), HashMap::new())?;
+    let input = Batch::new(pixels, labels, &config, &device);
+    for (name, fused) in [("fused", true), ("unfused", false)] {
+        mjp::kernels::set_enabled(fused);
+        let grads = compute_gradients_with_threads(&model, &input, None, 0.0, false, 1);
+        let values = NamedTensors::gradients_of(&model, &grads.grads);
+        values.save(
+            &dir.path().join(format!("grads-{name}.safetensors")),
+            HashMap::new(),
+        )?;
+    }
+    mjp::kernels::set_enabled(true);
+    let settings = serde_json::json!({
+        "heads": config.heads,
+        "patch": config.patch_size,
+        "mean": config.mean,
+        "std": config.std,
+    });
+    std::fs::write(dir.path().join("config.json"), settings.to_string())
+        .context("writing config.json")?;
+    let out = run_reference(
+        python,
+        "reference_parity.py",
+        &[dir.path().to_str().context("temporary path is not UTF-8")?],
+    )?;
+    println!(
+        "parity {preset} batch={batch} learned PE, relative L2 error of the parameter gradient \
+         against PyTorch float64:"
+    );
+    for name in ["fused", "unfused", "torch-float32"] {
+        let r = &out[name];
+        println!(
+            "  {name:<14} overall {:.2e}, worst tensor {:.2e} ({})",
+            r["overall"].as_f64().unwrap_or(f64::NAN),
+            r["worst"].as_f64().unwrap_or(f64::NAN),
+            r["worst_tensor"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 /// Runs `bench/<script>` with `python` and parses the JSON object on its last stdout line.

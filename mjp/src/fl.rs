@@ -275,7 +275,7 @@ pub fn local_update(
     };
     let mut model = global.clone();
     let global_values = NamedTensors::from_module(global);
-    let mut optim = config.local_optimizer.build();
+    let mut optim = config.local_optimizer.build(device);
     let mut totals = StepStats::default();
     let mut audit = None;
     let mut gradient = None;

@@ -35,3 +35,5 @@ pub use seed::Seed;
 
 /// Re-exported so downstream crates use the same burn without naming it.
 pub use burn;
+/// The fused CPU kernels the model runs on (LayerNorm, attention, GELU, AdamW).
+pub use mjpfl_kernels as kernels;

@@ -8,8 +8,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::activation::{gelu, log_softmax, relu, softmax};
-use burn::tensor::module::layer_norm;
+use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::Rng;
 
@@ -34,9 +33,9 @@ impl LayerNorm {
         }
     }
 
-    /// Normalises the last axis.
+    /// Normalises the last axis (one fused operation on the CPU backend, see `mjpfl_kernels`).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.weight.val(), Some(self.bias.val()), 1e-6)
+        mjpfl_kernels::layer_norm(x, self.weight.val(), self.bias.val(), 1e-6)
     }
 }
 
@@ -52,24 +51,11 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `[B, T, D] -> [B, T, D]`.
+    /// `[B, T, D] -> [B, T, D]`: the packed projection, then `softmax(q k^T / sqrt(hd)) v` per
+    /// head (one fused operation on the CPU backend, see `mjpfl_kernels::attention`).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, t, d] = x.dims();
-        let h = self.heads;
-        let hd = d / h;
-        let qkv = self.qkv.forward(x);
-        let split = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * d, d)
-                .reshape([b, t, h, hd])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (split(0), split(1), split(2));
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar((hd as f64).powf(-0.5));
-        let out = softmax(scores, 3).matmul(v);
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, t, d]))
+        let out = mjpfl_kernels::attention(self.qkv.forward(x), self.heads);
+        self.proj.forward(out)
     }
 }
 
@@ -99,7 +85,7 @@ impl Block {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x));
         let h = self.mlp.fc1.forward(self.norm2.forward(x.clone()));
-        x + self.mlp.fc2.forward(gelu(h))
+        x + self.mlp.fc2.forward(mjpfl_kernels::gelu(h))
     }
 }
 

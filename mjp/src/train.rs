@@ -3,9 +3,7 @@
 //! 0.5: prediction agreement and CLS-feature distance, shuffled vs clean).
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{
-    AdamWConfig, GradientsParams, ModuleOptimizer, SgdConfig, momentum::MomentumConfig,
-};
+use burn::optim::{GradientsParams, ModuleOptimizer, SgdConfig, momentum::MomentumConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -41,13 +39,11 @@ impl Default for OptimizerKind {
 }
 
 impl OptimizerKind {
-    /// A fresh optimiser.
-    pub fn build(&self) -> ModuleOptimizer {
+    /// A fresh optimiser for a model on `device` (AdamW is one fused pass per parameter on the
+    /// CPU backend, burn's own elsewhere; both give the same update).
+    pub fn build(&self, device: &Device) -> ModuleOptimizer {
         match *self {
-            Self::AdamW { weight_decay } => AdamWConfig::new()
-                .with_weight_decay(weight_decay as f32)
-                .with_epsilon(1e-8)
-                .init(),
+            Self::AdamW { weight_decay } => mjpfl_kernels::adamw(weight_decay as f32, 1e-8, device),
             Self::Sgd { momentum } => {
                 let config = SgdConfig::new();
                 let config = if momentum > 0.0 {
@@ -411,8 +407,8 @@ impl Trainer {
     /// Wraps a model (moved to autodiff) with a fresh optimiser.
     pub fn new(model: Vit, optimizer: &OptimizerKind, objective: ObjectiveConfig) -> Self {
         Self {
+            optimizer: optimizer.build(&model.device()),
             model,
-            optimizer: optimizer.build(),
             objective,
         }
     }
