@@ -192,6 +192,222 @@ pub fn layer_norm_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of one parallel task of the Linear kernels (fixed, so results never depend on threads).
+const GEMM_ROWS: usize = 128;
+/// Output columns of one parallel task of the weight gradient.
+const GEMM_COLS: usize = 64;
+
+/// A row-major operand for [`gemm`]: its base pointer and (row, column) strides.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+// SAFETY: a `View` is only read, by `gemm`, while the slice it was made from is borrowed.
+unsafe impl Send for View {}
+unsafe impl Sync for View {}
+
+impl View {
+    fn rows(m: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: m.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major `[rows x cols]` matrix.
+    fn transposed(m: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: m.as_ptr(),
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+
+    /// The view starting `rows` rows and `cols` columns further.
+    fn offset(self, rows: usize, cols: usize) -> Self {
+        // SAFETY: callers stay inside the matrix the view was made from.
+        let ptr = unsafe {
+            self.ptr
+                .offset(rows as isize * self.rs + cols as isize * self.cs)
+        };
+        Self { ptr, ..self }
+    }
+}
+
+/// `dst (+)= a[m x k] b[k x n]` on one thread through the `gemm` crate; `dst` is row-major with
+/// row stride `ldd` (accumulates onto it when `accumulate`).
+fn gemm(
+    dst: &mut [f32],
+    ldd: usize,
+    (m, k, n): (usize, usize, usize),
+    a: View,
+    b: View,
+    accumulate: bool,
+) {
+    assert!(m == 0 || dst.len() >= (m - 1) * ldd + n, "gemm output size");
+    // SAFETY: `dst` covers m rows of stride `ldd` and n columns (asserted); the callers build `a`
+    // and `b` from slices of at least m x k and k x n values with these strides, which outlive
+    // the call.
+    unsafe {
+        gemm_crate::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm_crate::Parallelism::None,
+        );
+    }
+}
+
+/// `dst[m x n] (+)= a[m x k] b[k x n]`, row blocks of [`GEMM_ROWS`] in parallel.
+fn gemm_rows(
+    dst: &mut [f32],
+    (_m, k, n): (usize, usize, usize),
+    a: View,
+    b: View,
+    accumulate: bool,
+) {
+    dst.par_chunks_mut(GEMM_ROWS * n)
+        .enumerate()
+        .for_each(|(i, block)| {
+            let rows = block.len() / n;
+            gemm(
+                block,
+                n,
+                (rows, k, n),
+                a.offset(i * GEMM_ROWS, 0),
+                b,
+                accumulate,
+            );
+        });
+}
+
+/// `y = x W + b` for `x` `[m x k]`, `W` `[k x n]` (burn's and timm-import layout), `b` `[n]`: the
+/// bias rows are written first and the product accumulated onto them, one pass fewer than a
+/// matmul followed by a broadcast add.
+pub fn linear(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+    let n = b.len();
+    let k = w.len() / n;
+    let m = x.len() / k;
+    assert_eq!(x.len(), m * k, "linear input is not a whole number of rows");
+    let mut y = Vec::with_capacity(m * n);
+    for _ in 0..m {
+        y.extend_from_slice(b);
+    }
+    gemm_rows(&mut y, (m, k, n), View::rows(x, k), View::rows(w, n), true);
+    y
+}
+
+/// Which gradients of [`linear`] to compute.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearGrads {
+    /// `dx = g W^T`.
+    pub x: bool,
+    /// `dW = x^T g`.
+    pub weight: bool,
+    /// `db = sum over rows of g`.
+    pub bias: bool,
+}
+
+/// Backward of [`linear`] for the upstream gradient `g` (`[m x n]`).
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    n: usize,
+    need: LinearGrads,
+) -> [Option<Vec<f32>>; 3] {
+    let k = w.len() / n;
+    let m = x.len() / k;
+    let dx = need.x.then(|| {
+        let mut dx = vec![0.0f32; m * k];
+        gemm_rows(
+            &mut dx,
+            (m, n, k),
+            View::rows(g, n),
+            View::transposed(w, n),
+            false,
+        );
+        dx
+    });
+    let dw = need.weight.then(|| {
+        // Column blocks of dW = x^T g in parallel: each is a whole reduction over the m rows.
+        let (xt, gv) = (View::transposed(x, k), View::rows(g, n));
+        let blocks: Vec<Vec<f32>> = (0..n.div_ceil(GEMM_COLS))
+            .into_par_iter()
+            .map(|j| {
+                let cols = GEMM_COLS.min(n - j * GEMM_COLS);
+                let mut block = vec![0.0f32; k * cols];
+                gemm(
+                    &mut block,
+                    cols,
+                    (k, m, cols),
+                    xt,
+                    gv.offset(0, j * GEMM_COLS),
+                    false,
+                );
+                block
+            })
+            .collect();
+        let mut dw = vec![0.0f32; k * n];
+        for (j, block) in blocks.iter().enumerate() {
+            let cols = block.len() / k;
+            for (row, src) in dw.chunks_exact_mut(n).zip(block.chunks_exact(cols)) {
+                row[j * GEMM_COLS..j * GEMM_COLS + cols].copy_from_slice(src);
+            }
+        }
+        dw
+    });
+    let db = need.bias.then(|| {
+        let partials: Vec<Vec<f32>> = g
+            .par_chunks(ROWS_PER_TASK * n)
+            .map(|rows| column_sums(rows, n))
+            .collect();
+        let mut db = vec![0.0f32; n];
+        for p in &partials {
+            for (d, v) in db.iter_mut().zip(p) {
+                *d += v;
+            }
+        }
+        db
+    });
+    [dx, dw, db]
+}
+
+multiversion! {
+    fn column_sums(rows: &[f32], n: usize) -> Vec<f32> {
+        let mut acc = vec![0.0f32; n];
+        for row in rows.chunks_exact(n) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+        acc
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------------------------
 
@@ -504,10 +720,19 @@ multiversion! {
 }
 
 multiversion! {
-    fn gelu_backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
-        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+    fn gelu_with_derivative_chunk(x: &[f32], y: &mut [f32], d: &mut [f32]) {
+        for ((y, d), &x) in y.iter_mut().zip(d.iter_mut()).zip(x) {
             let (cdf, pdf) = normal_cdf_pdf(x);
-            *dx = g * (cdf + x * pdf);
+            *y = x * cdf;
+            *d = cdf + x * pdf;
+        }
+    }
+}
+
+multiversion! {
+    fn mul_chunk(a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *o = a * b;
         }
     }
 }
@@ -521,14 +746,26 @@ pub fn gelu(x: &[f32]) -> Vec<f32> {
     y
 }
 
-/// Backward of [`gelu`]: `g (Phi(x) + x phi(x))`.
-pub fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0.0f32; x.len()];
-    dx.par_chunks_mut(ELEMS_PER_TASK)
+/// [`gelu`] and its derivative `Phi(x) + x phi(x)` in one pass (the derivative is what the
+/// backward pass needs, so it is kept instead of `x`).
+pub fn gelu_with_derivative(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0f32; x.len()];
+    let mut d = vec![0.0f32; x.len()];
+    y.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(d.par_chunks_mut(ELEMS_PER_TASK))
         .zip(x.par_chunks(ELEMS_PER_TASK))
-        .zip(g.par_chunks(ELEMS_PER_TASK))
-        .for_each(|((dx, x), g)| gelu_backward_chunk(x, g, dx));
-    dx
+        .for_each(|((y, d), x)| gelu_with_derivative_chunk(x, y, d));
+    (y, d)
+}
+
+/// Elementwise `a * b` (the GELU backward pass: upstream gradient times the kept derivative).
+pub fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; a.len()];
+    out.par_chunks_mut(ELEMS_PER_TASK)
+        .zip(a.par_chunks(ELEMS_PER_TASK))
+        .zip(b.par_chunks(ELEMS_PER_TASK))
+        .for_each(|((o, a), b)| mul_chunk(a, b, o));
+    out
 }
 
 // ---------------------------------------------------------------------------------------------

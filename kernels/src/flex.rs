@@ -6,10 +6,11 @@ use burn::backend::Flex;
 use burn::backend::tensor::FloatTensor;
 use burn::tensor::{DType, Shape, TensorData};
 use burn_autodiff::Autodiff;
+use burn_autodiff::NodeId;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn_flex::FlexTensor;
 
 use crate::FusedOps;
@@ -76,7 +77,22 @@ fn attention_forward(qkv: &FlexTensor, heads: usize, scale: f32) -> (FlexTensor,
     )
 }
 
+fn linear_forward(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+    let mut dims = shape(x);
+    let last = dims.num_dims() - 1;
+    dims[last] = b.layout().num_elements();
+    tensor(cpu::linear(&values(x), &values(w), &values(b)), dims)
+}
+
 impl FusedOps for Flex {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        linear_forward(&x, &weight, &bias)
+    }
+
     fn fused_layer_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -96,6 +112,53 @@ impl FusedOps for Flex {
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl Backward<Flex, 3> for LinearBackward {
+            type State = (FlexTensor, FlexTensor);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<Flex>(&ops.node);
+                let (x, w) = ops.state;
+                let w_shape = shape(&w);
+                let n = w_shape[1];
+                let need = cpu::LinearGrads {
+                    x: node_x.is_some(),
+                    weight: node_w.is_some(),
+                    bias: node_b.is_some(),
+                };
+                let [dx, dw, db] =
+                    cpu::linear_backward(&values(&x), &values(&w), &values(&grad), n, need);
+                let out = [
+                    dx.map(|v| tensor(v, shape(&x))),
+                    dw.map(|v| tensor(v, w_shape)),
+                    db.map(|v| tensor(v, Shape::from([n]))),
+                ];
+                register(
+                    [node_x, node_w, node_b].map(|n| n.map(|n| n.id)),
+                    out,
+                    grads,
+                );
+            }
+        }
+
+        ternary_node::<C, _>(LinearBackward, [x, weight, bias], |[x, w, b]| {
+            (linear_forward(x, w, b), (x.clone(), w.clone()))
+        })
+    }
+
     fn fused_layer_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -124,33 +187,23 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                     &values(&stats),
                     &values(&grad),
                 );
-                if let Some(node) = node_x {
-                    grads.register::<Flex>(node.id, tensor(dx, shape(&x)));
-                }
-                if let Some(node) = node_w {
-                    grads.register::<Flex>(node.id, tensor(dw, Shape::from([d])));
-                }
-                if let Some(node) = node_b {
-                    grads.register::<Flex>(node.id, tensor(db, Shape::from([d])));
-                }
+                let out = [
+                    Some(tensor(dx, shape(&x))),
+                    Some(tensor(dw, Shape::from([d]))),
+                    Some(tensor(db, Shape::from([d]))),
+                ];
+                register(
+                    [node_x, node_w, node_b].map(|n| n.map(|n| n.id)),
+                    out,
+                    grads,
+                );
             }
         }
 
-        let guards = [x.node(), weight.node(), bias.node()];
-        let (x, w, b) = (
-            x.into_primitive(),
-            weight.into_primitive(),
-            bias.into_primitive(),
-        );
-        let (y, stats) = layer_norm_forward(&x, &w, &b, eps);
-        match LayerNormBackward
-            .prepare::<C>(guards)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((x, w, stats), y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        ternary_node::<C, _>(LayerNormBackward, [x, weight, bias], |[x, w, b]| {
+            let (y, stats) = layer_norm_forward(x, w, b, eps);
+            (y, (x.clone(), w.clone(), stats))
+        })
     }
 
     fn fused_attention(qkv: FloatTensor<Self>, heads: usize, scale: f32) -> FloatTensor<Self> {
@@ -166,33 +219,20 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
-                let [node] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                let Some(node) = node else { return };
                 let (qkv, probs, heads, scale) = ops.state;
-                let s = attention_shape(&qkv, heads);
-                let dqkv = cpu::attention_backward(
-                    &values(&qkv),
-                    &values(&probs),
-                    &values(&grad),
-                    s,
-                    scale,
-                );
-                grads.register::<Flex>(node.id, tensor(dqkv, shape(&qkv)));
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let s = attention_shape(&qkv, heads);
+                    let (qkv_v, probs, grad) = (values(&qkv), values(&probs), values(&grad));
+                    let dqkv = cpu::attention_backward(&qkv_v, &probs, &grad, s, scale);
+                    tensor(dqkv, shape(&qkv))
+                });
             }
         }
 
-        let guards = [qkv.node()];
-        let qkv = qkv.into_primitive();
-        let (out, probs) = attention_forward(&qkv, heads, scale);
-        match AttentionBackward
-            .prepare::<C>(guards)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish((qkv, probs, heads, scale), out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
+        unary_node::<C, _>(AttentionBackward, qkv, |qkv| {
+            let (out, probs) = attention_forward(qkv, heads, scale);
+            (out, (qkv.clone(), probs, heads, scale))
+        })
     }
 
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -208,21 +248,64 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 grads: &mut Gradients,
                 _checkpointer: &mut Checkpointer,
             ) {
-                let [node] = ops.parents;
-                let grad = grads.consume::<Flex>(&ops.node);
-                let Some(node) = node else { return };
-                let x = ops.state;
-                let dx = cpu::gelu_backward(&values(&x), &values(&grad));
-                grads.register::<Flex>(node.id, tensor(dx, shape(&x)));
+                let derivative = ops.state;
+                unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+                    let dx = cpu::mul(&values(&grad), &values(&derivative));
+                    tensor(dx, shape(&derivative))
+                });
             }
         }
 
-        let guards = [x.node()];
-        let x = x.into_primitive();
-        let y = tensor(cpu::gelu(&values(&x)), shape(&x));
-        match GeluBackward.prepare::<C>(guards).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(x, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+        unary_node::<C, _>(GeluBackward, x, |x| {
+            let (y, d) = cpu::gelu_with_derivative(&values(x));
+            (tensor(y, shape(x)), tensor(d, shape(x)))
+        })
+    }
+}
+
+/// Registers the gradients of the tracked parents.
+fn register(parents: [Option<NodeId>; 3], out: [Option<FlexTensor>; 3], grads: &mut Gradients) {
+    for (id, grad) in parents.into_iter().zip(out) {
+        if let (Some(id), Some(grad)) = (id, grad) {
+            grads.register::<Flex>(id, grad);
         }
+    }
+}
+
+/// Records a three-input fused operation (see [`unary_node`]).
+fn ternary_node<C, B>(
+    backward: B,
+    inputs: [FloatTensor<Autodiff<Flex, C>>; 3],
+    forward: impl FnOnce([&FlexTensor; 3]) -> (FlexTensor, B::State),
+) -> FloatTensor<Autodiff<Flex, C>>
+where
+    C: CheckpointStrategy,
+    B: Backward<Flex, 3>,
+{
+    let guards = inputs.each_ref().map(|t| t.node());
+    let [a, b, c] = inputs.map(|t| t.into_primitive());
+    let (out, state) = forward([&a, &b, &c]);
+    match backward.prepare::<C>(guards).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// Records a one-input fused operation: `forward` computes the output and what `backward` keeps
+/// (kept only when the input is tracked).
+fn unary_node<C, B>(
+    backward: B,
+    input: FloatTensor<Autodiff<Flex, C>>,
+    forward: impl FnOnce(&FlexTensor) -> (FlexTensor, B::State),
+) -> FloatTensor<Autodiff<Flex, C>>
+where
+    C: CheckpointStrategy,
+    B: Backward<Flex, 1>,
+{
+    let guards = [input.node()];
+    let (out, state) = forward(&input.into_primitive());
+    match backward.prepare::<C>(guards).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
     }
 }

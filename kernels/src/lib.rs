@@ -1,12 +1,13 @@
 //! Fused forward and backward kernels for the MJP-ViT on burn's pure-Rust CPU backend.
 //!
-//! burn 0.22.1's autodiff records LayerNorm, softmax attention and GELU as chains of elementwise
+//! burn 0.22.1's autodiff records Linear as a matmul plus a broadcast add (with transposed
+//! copies in its backward pass), LayerNorm, softmax attention and GELU as chains of elementwise
 //! nodes (each allocating, each walked again backwards), and its AdamW as a dozen tensor ops per
 //! parameter. Here each of them is one operation with a hand-written backward pass, registered
 //! through burn's backend-extension mechanism ([`FusedOps`], implemented for `Flex` and
 //! `Autodiff<Flex>`), plus a fused AdamW ([`FusedAdamW`]).
 //!
-//! The public functions ([`layer_norm`], [`attention`], [`gelu`]) take the fused path on the
+//! The public functions ([`linear`], [`layer_norm`], [`attention`], [`gelu`]) take the fused path on the
 //! Flex backend for f32 tensors and fall back to burn's own composition ([`reference`])
 //! everywhere else (LibTorch, other dtypes), or when fused kernels are switched off with
 //! [`set_enabled`] or `MJPFL_FUSED=0` (used by the benchmarks and tests to compare both paths).
@@ -29,6 +30,13 @@ pub use optim::{FusedAdamW, adamw};
 /// Operations with a fused kernel and a hand-written backward pass.
 #[backend_extension(Flex: cfg(feature = "flex"), Autodiff: cfg(feature = "flex"))]
 pub trait FusedOps: Backend {
+    /// `x W + b` over the last axis of `x`, `W` `[d_in, d_out]` (burn's layout).
+    fn fused_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
     /// LayerNorm over the last axis with scale and shift (biased variance).
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -75,6 +83,26 @@ pub fn fused_on(device: &Device, dtype: DType) -> bool {
             device.clone().without_autodiff().as_dispatch(),
             burn::backend::DispatchDevice::Flex(_)
         )
+}
+
+/// `x W + b` over the last axis (`W` `[d_in, d_out]`); without a bias, burn's `linear`.
+pub fn linear<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    #[cfg(feature = "flex")]
+    if let Some(bias) = &bias
+        && fused_on(&x.device(), x.dtype())
+    {
+        use burn::backend::Dispatch;
+        return Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.clone().into_dispatch(),
+        ));
+    }
+    reference::linear(x, weight, bias)
 }
 
 /// LayerNorm over the last axis (timm's `eps = 1e-6` is the caller's choice).
@@ -128,6 +156,15 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 pub mod reference {
     use burn::tensor::Tensor;
     use burn::tensor::activation::softmax;
+
+    /// burn's `linear`.
+    pub fn linear<const D: usize>(
+        x: Tensor<D>,
+        weight: Tensor<2>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<D> {
+        burn::tensor::module::linear(x, weight, bias)
+    }
 
     /// burn's `layer_norm`.
     pub fn layer_norm<const D: usize>(

@@ -43,6 +43,14 @@ fn random<const D: usize>(shape: [usize; D], seed: u64, scale: f64) -> Tensor<D>
     Tensor::from_data(TensorData::new(values, shape), &device())
 }
 
+fn fused_linear(x: Tensor<3>, w: Tensor<2>, b: Tensor<1>) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        b.into_dispatch(),
+    ))
+}
+
 fn fused_layer_norm(x: Tensor<3>, w: Tensor<1>, b: Tensor<1>) -> Tensor<3> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
         x.into_dispatch(),
@@ -79,6 +87,55 @@ fn fd_check(f: &dyn Fn(Tensor<3>) -> Tensor<3>, x: &Tensor<3>, r: &Tensor<3>, gr
         .map(|(g, v)| (*g as f64) * (v as f64))
         .sum();
     ((fd - analytic) / analytic.abs().max(1e-12)).abs()
+}
+
+#[test]
+fn linear_matches_burn_and_finite_differences() {
+    // Small (single-threaded gemm) and large enough for gemm's parallel path.
+    for (b, t, k, n) in [(3, 7, 20, 36), (16, 50, 64, 256)] {
+        let x = random([b, t, k], 50 + t as u64, 1.0).require_grad();
+        let w = random([k, n], 51, 0.2).require_grad();
+        let bias = random([n], 52, 0.5).require_grad();
+        let r = random([b, t, n], 53, 1.0).detach();
+        let run = |fused: bool| {
+            let (x, w, bias) = (x.clone(), w.clone(), bias.clone());
+            let y = if fused {
+                fused_linear(x.clone(), w.clone(), bias.clone())
+            } else {
+                reference::linear(x.clone(), w.clone(), Some(bias.clone()))
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (
+                values(&y),
+                values(&x.grad(&grads).unwrap()),
+                values(&w.grad(&grads).unwrap()),
+                values(&bias.grad(&grads).unwrap()),
+            )
+        };
+        let (yf, dxf, dwf, dbf) = run(true);
+        let (yr, dxr, dwr, dbr) = run(false);
+        let errs = [
+            rel(&yf, &yr),
+            rel(&dxf, &dxr),
+            rel(&dwf, &dwr),
+            rel(&dbf, &dbr),
+        ];
+        println!(
+            "linear [{b},{t},{k}]x[{k},{n}] vs burn: y {:.1e} dx {:.1e} dw {:.1e} db {:.1e}",
+            errs[0], errs[1], errs[2], errs[3]
+        );
+        for e in errs {
+            assert!(e < 1e-5, "linear differs from burn's: {errs:?}");
+        }
+        let fd = fd_check(
+            &|x| fused_linear(x, w.clone().detach(), bias.clone().detach()),
+            &x,
+            &r,
+            &dxf,
+        );
+        println!("linear vs finite differences (dx): {fd:.1e}");
+        assert!(fd < 1e-2, "finite differences: {fd}");
+    }
 }
 
 #[test]

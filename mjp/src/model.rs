@@ -16,6 +16,12 @@ use crate::config::{DalKind, VitConfig};
 use crate::jigsaw::JigsawPlan;
 use crate::seed::Seed;
 
+/// `x W + b` of a burn `Linear` (one fused operation on the CPU backend, see
+/// `mjpfl_kernels::linear`).
+fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    mjpfl_kernels::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
+}
+
 /// LayerNorm with timm's parameter names (`weight`, `bias`).
 #[derive(Module, Debug)]
 pub struct LayerNorm {
@@ -54,8 +60,8 @@ impl Attention {
     /// `[B, T, D] -> [B, T, D]`: the packed projection, then `softmax(q k^T / sqrt(hd)) v` per
     /// head (one fused operation on the CPU backend, see `mjpfl_kernels::attention`).
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let out = mjpfl_kernels::attention(self.qkv.forward(x), self.heads);
-        self.proj.forward(out)
+        let out = mjpfl_kernels::attention(linear(&self.qkv, x), self.heads);
+        linear(&self.proj, out)
     }
 }
 
@@ -84,8 +90,8 @@ pub struct Block {
 impl Block {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x));
-        let h = self.mlp.fc1.forward(self.norm2.forward(x.clone()));
-        x + self.mlp.fc2.forward(mjpfl_kernels::gelu(h))
+        let h = linear(&self.mlp.fc1, self.norm2.forward(x.clone()));
+        x + linear(&self.mlp.fc2, mjpfl_kernels::gelu(h))
     }
 }
 
@@ -108,9 +114,9 @@ pub struct DalHead {
 impl DalHead {
     /// `[N, D] -> [N, 2]`.
     pub fn forward(&self, pe: Tensor<2>) -> Tensor<2> {
-        let h = self.fc1.forward(pe);
+        let h = linear(&self.fc1, pe);
         match &self.fc2 {
-            Some(fc2) => fc2.forward(relu(h)),
+            Some(fc2) => linear(fc2, relu(h)),
             None => h,
         }
     }
@@ -322,7 +328,7 @@ impl Vit {
             }
             _ => patches,
         };
-        self.patch_embed.proj.forward(patches)
+        linear(&self.patch_embed.proj, patches)
     }
 
     /// The position embeddings added to the patch tokens, `[1 or B, N, D]`: each position's own
@@ -367,7 +373,7 @@ impl Vit {
         let x = self.blocks.iter().fold(tokens, |x, block| block.forward(x));
         let features = self.norm.forward(x).narrow(1, 0, 1).reshape([b, d]);
         Forward {
-            logits: self.head.forward(features.clone()),
+            logits: linear(&self.head, features.clone()),
             features,
         }
     }
