@@ -122,8 +122,17 @@ impl Adversary {
         })
     }
 
-    /// Attacks one update computed from `global`, records and returns the outcome.
+    /// Attacks one update computed from `global`, records and returns the outcome (on a worker
+    /// of the current rayon pool: see [`mjp::kernels::on_pool`]).
     pub fn attack(
+        &mut self,
+        observed: &ObservedUpdate,
+        global: &NamedTensors,
+    ) -> Result<UpdateRecord> {
+        mjp::kernels::on_pool(|| self.attack_on_pool(observed, global))
+    }
+
+    fn attack_on_pool(
         &mut self,
         observed: &ObservedUpdate,
         global: &NamedTensors,

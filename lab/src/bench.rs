@@ -121,6 +121,9 @@ pub fn train_step(args: &TrainStepBench) -> Result<()> {
         }
         Ok(mean_std(&times))
     };
+    // Steps run on a worker of the pool their kernels split work over, as a simulated client's
+    // do (`TrainingWorkers`).
+    let time_steps = |model: Vit| mjp::kernels::on_pool(|| time_steps(model));
     let fused_available = mjp::kernels::fused_on(&device, mjp::burn::tensor::DType::F32);
     let (mean, std) = time_steps(model.clone())?;
     println!(

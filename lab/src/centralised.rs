@@ -121,6 +121,10 @@ struct EpochRecord {
 
 /// Trains `job` (resuming when asked) and returns the final evaluation.
 pub fn run_training(job: &TrainJob) -> Result<TrainOutcome> {
+    mjp::kernels::on_pool(|| train_on_pool(job))
+}
+
+fn train_on_pool(job: &TrainJob) -> Result<TrainOutcome> {
     let vit = job.vit.clone();
     let jigsaw = JigsawConfig {
         ratio: job.ratio,

@@ -521,7 +521,7 @@ struct EvalSums {
     jig_examples: usize,
 }
 
-/// Evaluates an inference-mode model (no autodiff) on `data`. Batches run on several threads;
+/// Evaluates an inference-mode model (no autodiff) on `data`. Batches run as tasks on the rayon pool;
 /// each batch's jigsaws come from its own sub-seed, so results do not depend on the threading.
 pub fn evaluate(model: &Vit, data: &Dataset, options: &EvalOptions) -> EvalReport {
     let n = options.limit.map_or(data.len(), |l| l.min(data.len()));
@@ -530,22 +530,19 @@ pub fn evaluate(model: &Vit, data: &Dataset, options: &EvalOptions) -> EvalRepor
         .map(|b| (b * bs, ((b + 1) * bs).min(n)))
         .collect();
     let threads = gradient_threads().min(batches.len()).max(1);
-    let parts: Vec<EvalSums> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
+    // `threads` fixed partitions of the batches (summed in order below), run as tasks on the
+    // rayon pool the kernels use rather than on threads of their own beside it.
+    let parts: Vec<EvalSums> = crate::kernels::on_pool(|| {
+        use rayon::prelude::*;
+        (0..threads)
+            .into_par_iter()
             .map(|t| {
-                let batches = &batches;
-                scope.spawn(move || {
-                    let mut sums = EvalSums::default();
-                    for (b, &(start, end)) in batches.iter().enumerate().skip(t).step_by(threads) {
-                        eval_batch(model, data, options, b, start, end, &mut sums);
-                    }
-                    sums
-                })
+                let mut sums = EvalSums::default();
+                for (b, &(start, end)) in batches.iter().enumerate().skip(t).step_by(threads) {
+                    eval_batch(model, data, options, b, start, end, &mut sums);
+                }
+                sums
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("evaluation worker panicked"))
             .collect()
     });
     let mut total = EvalSums::default();
