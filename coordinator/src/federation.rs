@@ -306,6 +306,11 @@ pub struct Federation {
     /// clients need not wake for each of a round's uploads, nor for every join).
     submitted: watch::Sender<u64>,
     upload_permits: Arc<Semaphore>,
+    /// Value buffers of folded updates nobody else holds, for the next uploads to decode into
+    /// (at most one set per decoding permit, so the peak memory is what the permits allow
+    /// already): the coordinator returns freed memory to the OS at once, and decoding into
+    /// fresh memory faulted a model's worth of zeroed pages in for every update.
+    decode_buffers: Mutex<Vec<Vec<Vec<f32>>>>,
     test_data: Option<Dataset>,
     admission: Admission,
     auth: Auth,
@@ -411,6 +416,7 @@ impl Federation {
             auth,
             served: Mutex::new(HashMap::new()),
             upload_permits: Arc::new(Semaphore::new(config.server.max_concurrent_uploads.max(1))),
+            decode_buffers: Mutex::new(Vec::new()),
             tap: Tap::new(config.server.tap_queue),
             config,
             vit,
@@ -499,6 +505,27 @@ impl Federation {
     /// Limits concurrent update decoding.
     pub fn upload_permits(&self) -> Arc<Semaphore> {
         self.upload_permits.clone()
+    }
+
+    /// Value buffers for an upload holding a decoding permit to decode into (empty when none is
+    /// free: the assembler then allocates).
+    pub fn decode_buffers(&self) -> Vec<Vec<f32>> {
+        self.decode_buffers
+            .lock()
+            .expect("decode buffer lock")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Keeps a folded update's value buffers for the next upload, unless an observer or the
+    /// ordered fold still holds the update (or enough sets are kept already).
+    fn recycle(&self, update: Arc<ModelUpdate>) {
+        if let Ok(update) = Arc::try_unwrap(update) {
+            let mut kept = self.decode_buffers.lock().expect("decode buffer lock");
+            if kept.len() < self.config.server.max_concurrent_uploads.max(1) {
+                kept.push(update.tensors.into_buffers());
+            }
+        }
     }
 
     /// A stored model version: the current one from memory, older ones from their checkpoint.

@@ -81,7 +81,10 @@ impl FederationService {
             .acquire_owned()
             .await
             .map_err(|_| Status::unavailable("coordinator shutting down"))?;
-        let mut assembler = layout.assembler(self.fed.config().server.max_chunk_bytes);
+        let mut assembler = layout.assembler_with_buffers(
+            self.fed.config().server.max_chunk_bytes,
+            self.fed.decode_buffers(),
+        );
         while let Some(chunk) = next {
             assembler.push(&chunk)?;
             next = next_chunk(&mut stream, idle).await?;

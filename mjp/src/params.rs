@@ -239,6 +239,11 @@ impl NamedTensors {
         self.tensors
     }
 
+    /// Consumes into the tensors' value buffers, in order (for a decoder to reuse).
+    pub fn into_buffers(self) -> Vec<Vec<f32>> {
+        self.tensors.into_iter().map(|t| t.data).collect()
+    }
+
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Option<&NamedTensor> {
         self.tensors.iter().find(|t| t.name == name)

@@ -177,6 +177,19 @@ pub struct Assembler {
 impl Assembler {
     /// An assembler for `specs` (already checked against the model).
     pub fn new(specs: &[v1::TensorSpec], dtypes: &[v1::Dtype], max_chunk: usize) -> Self {
+        Self::with_buffers(specs, dtypes, max_chunk, Vec::new())
+    }
+
+    /// Like [`Assembler::new`], decoding into `buffers` (one per tensor, from an earlier
+    /// update's [`NamedTensors::into_buffers`]) where there is one per tensor: their memory is
+    /// already mapped, so a receiver that reuses them does not fault a model's worth of fresh
+    /// pages in for every update. Anything else in `buffers` is dropped.
+    pub fn with_buffers(
+        specs: &[v1::TensorSpec],
+        dtypes: &[v1::Dtype],
+        max_chunk: usize,
+        mut buffers: Vec<Vec<f32>>,
+    ) -> Self {
         let specs: Vec<(String, Vec<usize>, v1::Dtype)> = specs
             .iter()
             .zip(dtypes)
@@ -188,9 +201,18 @@ impl Assembler {
                 )
             })
             .collect();
+        if buffers.len() != specs.len() {
+            buffers.clear();
+        }
+        buffers.resize_with(specs.len(), Vec::new);
         let values = specs
             .iter()
-            .map(|(_, shape, _)| Vec::with_capacity(shape.iter().product()))
+            .zip(buffers)
+            .map(|((_, shape, _), mut b)| {
+                b.clear();
+                b.reserve_exact(shape.iter().product());
+                b
+            })
             .collect();
         Self {
             received: vec![0; specs.len()],
@@ -264,9 +286,23 @@ impl Assembler {
             v1::Dtype::F32 => {
                 // Little-endian on the wire: a plain copy into the values on little-endian hosts.
                 let start = out.len();
-                out.resize(start + chunk.data.len() / 4, 0.0);
+                let n = chunk.data.len() / 4;
+                // The bytes go straight into the spare capacity (reserved for the whole tensor;
+                // the bounds check above keeps `start + n` within it): one pass, no zeroing first.
+                out.reserve(n);
+                // SAFETY: `reserve` guarantees capacity for `n` more f32 values, the source holds
+                // exactly `4 n` bytes, the regions cannot overlap (one is owned by `out`), and
+                // every bit pattern is a valid f32, so the first `start + n` values are
+                // initialised when the length is set.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        chunk.data.as_ptr(),
+                        out.as_mut_ptr().add(start).cast::<u8>(),
+                        4 * n,
+                    );
+                    out.set_len(start + n);
+                }
                 let dst = &mut out[start..];
-                bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(&chunk.data);
                 if cfg!(target_endian = "big") {
                     dst.iter_mut()
                         .for_each(|v| *v = f32::from_bits(v.to_bits().swap_bytes()));
@@ -490,6 +526,11 @@ impl TensorLayout {
     pub fn assembler(&self, max_chunk: usize) -> Assembler {
         Assembler::new(&self.specs, &self.dtypes, max_chunk)
     }
+
+    /// An assembler decoding into `buffers` (see [`Assembler::with_buffers`]).
+    pub fn assembler_with_buffers(&self, max_chunk: usize, buffers: Vec<Vec<f32>>) -> Assembler {
+        Assembler::with_buffers(&self.specs, &self.dtypes, max_chunk, buffers)
+    }
 }
 
 /// A wire manifest as names and shapes (element types are a property of each stream).
@@ -535,6 +576,32 @@ mod tests {
             a.push(&c).unwrap();
         }
         assert_eq!(a.finish().unwrap(), t);
+    }
+
+    #[test]
+    fn decodes_into_reused_buffers() {
+        let t = sample();
+        let specs = manifest_to_wire(&t.manifest()).tensors;
+        let dtypes = check_specs(&specs, &t.manifest()).unwrap();
+        let decode = |buffers: Vec<Vec<f32>>| {
+            let mut a = Assembler::with_buffers(&specs, &dtypes, 1024, buffers);
+            for c in chunk_tensors(&t, 1024) {
+                a.push(&c).unwrap();
+            }
+            a.finish().unwrap()
+        };
+        // Buffers of an earlier update, holding other values: reused in place, overwritten.
+        let mut old = sample();
+        old.scale(-3.0);
+        let buffers = old.into_buffers();
+        let pointers: Vec<*const f32> = buffers.iter().map(|b| b.as_ptr()).collect();
+        let got = decode(buffers);
+        assert_eq!(got, t);
+        let reused: Vec<*const f32> = got.into_buffers().iter().map(|b| b.as_ptr()).collect();
+        assert_eq!(reused, pointers);
+        // A set that does not match the tensors is dropped, not mixed in.
+        assert_eq!(decode(vec![vec![7.0; 4]]), t);
+        assert_eq!(decode(Vec::new()), t);
     }
 
     #[test]

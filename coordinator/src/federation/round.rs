@@ -384,7 +384,8 @@ impl Federation {
         );
         let received = r.submitted.len() as u32;
         drop(s);
-        publish(true, update);
+        publish(true, update.clone());
+        self.recycle(update);
         self.notify_submission();
         Ok(received)
     }
