@@ -396,6 +396,12 @@ pub struct SimulateArgs {
     /// Where clients train and the adversary computes.
     #[arg(long, default_value = "flex")]
     pub device: DeviceSpec,
+    /// How the simulated clients' models and updates reach the coordinator: `in-process`
+    /// (handed over through the same checks, fold and tap as from the network, without
+    /// serialisation) or `grpc` (streamed over loopback like an external client's). Joins and
+    /// task polls always go over gRPC; results are the same either way.
+    #[arg(long, default_value = "in-process")]
+    pub transport: mjpfl_lab::ClientTransport,
 }
 
 /// `mjpfl simulate`: the main job.
@@ -414,6 +420,7 @@ pub fn simulate(args: SimulateArgs) -> Result<()> {
         train_concurrency: args.train_concurrency,
         adversary: args.attacks.settings(),
         device: args.device,
+        transport: args.transport,
     };
     let outcome = runtime()?.block_on(run_simulation(config, &out, options, ctrl_c_or_term()))?;
     mjpfl_lab::report::write_run_report(&out)?;

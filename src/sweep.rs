@@ -32,6 +32,10 @@ pub struct SweepArgs {
     /// `mjpfl report OUT` merges them.
     #[arg(long, value_name = "N|I/N")]
     cell: Option<String>,
+    /// How the cells' simulated clients move models and updates (`in-process` or `grpc`, as
+    /// in `mjpfl simulate`).
+    #[arg(long, default_value = "in-process")]
+    transport: mjpfl_lab::ClientTransport,
 }
 
 /// `mjpfl sweep`.
@@ -57,6 +61,7 @@ pub fn run(args: SweepArgs) -> Result<()> {
         parallel: args.parallel,
         device: args.device,
         select: args.cell.as_deref().map(CellSelection::parse).transpose()?,
+        transport: args.transport,
     };
     let outcome = runtime()?.block_on(run_sweep(
         &file,

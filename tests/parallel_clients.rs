@@ -2,15 +2,18 @@
 //! once. Two parts make that true, each tested on a real coordinator over loopback gRPC:
 //! the coordinator folds accepted updates in client-id order whatever order they arrive in
 //! (`training.ordered_fold_mb`), and a client's update is bit-identical whatever the number of
-//! workers and threads it trains on.
+//! workers and threads it trains on. Simulated clients handing their downloads and uploads to
+//! the coordinator in process give the same run bit for bit, and meet the same checks.
 
 mod common;
 
 use common::{RawClient, messages, small_config};
 use mjp::NamedTensors;
 use mjp::layout::RunLayout;
+use mjpfl_coordinator::service::FederationService;
 use mjpfl_coordinator::{Coordinator, rundir};
-use mjpfl_lab::{SimulationOptions, run_simulation};
+use mjpfl_lab::{ClientTransport, SimulationOptions, run_simulation};
+use tonic::Code;
 
 fn bits(t: &NamedTensors) -> Vec<u32> {
     t.tensors()
@@ -98,9 +101,12 @@ async fn the_fold_is_in_client_id_order_whatever_order_updates_arrive_in() {
     );
 }
 
-/// One small federation, its clients training `concurrency` at a time; returns the records and
-/// the final model.
-async fn simulate(concurrency: usize) -> (Vec<rundir::RoundRecord>, NamedTensors) {
+/// One small federation, its clients training `concurrency` at a time and moving models and
+/// updates by `transport`; returns the records and the final model.
+async fn simulate(
+    concurrency: usize,
+    transport: ClientTransport,
+) -> (Vec<rundir::RoundRecord>, NamedTensors) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = small_config(4, 2);
     config.training.local_steps = 4;
@@ -109,6 +115,7 @@ async fn simulate(concurrency: usize) -> (Vec<rundir::RoundRecord>, NamedTensors
         audit: false,
         train_concurrency: concurrency,
         adversary: None,
+        transport,
         ..Default::default()
     };
     run_simulation(config, dir.path(), options, std::future::pending())
@@ -124,8 +131,8 @@ async fn simulate(concurrency: usize) -> (Vec<rundir::RoundRecord>, NamedTensors
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_training_in_parallel_give_the_sequential_run_bit_for_bit() {
     // One worker with every core, then four single-threaded workers at once.
-    let (seq_rounds, seq_model) = simulate(1).await;
-    let (par_rounds, par_model) = simulate(4).await;
+    let (seq_rounds, seq_model) = simulate(1, ClientTransport::Grpc).await;
+    let (par_rounds, par_model) = simulate(4, ClientTransport::Grpc).await;
     assert_eq!(seq_rounds.len(), 2);
     assert_eq!(bits(&seq_model), bits(&par_model), "final models differ");
     for (a, b) in seq_rounds.iter().zip(&par_rounds) {
@@ -136,4 +143,118 @@ async fn clients_training_in_parallel_give_the_sequential_run_bit_for_bit() {
         let acc = |r: &rundir::RoundRecord| r.test.as_ref().map(|t| t.accuracy);
         assert_eq!(acc(a), acc(b), "round {}", a.round);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_clients_give_the_grpc_run_bit_for_bit() {
+    let (grpc_rounds, grpc_model) = simulate(2, ClientTransport::Grpc).await;
+    let (local_rounds, local_model) = simulate(2, ClientTransport::InProcess).await;
+    assert_eq!(bits(&grpc_model), bits(&local_model), "final models differ");
+    assert_eq!(grpc_rounds.len(), local_rounds.len());
+    for (a, b) in grpc_rounds.iter().zip(&local_rounds) {
+        assert_eq!(a.aggregated, b.aggregated);
+        assert_eq!(a.rejected, 0);
+        assert_eq!(b.rejected, 0);
+        assert_eq!(a.client_metrics, b.client_metrics, "round {}", a.round);
+        let acc = |r: &rundir::RoundRecord| r.test.as_ref().map(|t| t.accuracy);
+        assert_eq!(acc(a), acc(b), "round {}", a.round);
+    }
+}
+
+/// An update handed over in process meets the checks of one from the network: the session, the
+/// round, the manifest and the values; refused ones are counted and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_updates_meet_the_network_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(1, 1);
+    config.data.skip_eval = true;
+    let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
+    let endpoint = format!("http://{}", coordinator.addr);
+    let mut raw = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let task = raw.train_task().await;
+    let service = FederationService::new(coordinator.federation.clone());
+    let global = service
+        .model_in_process(&raw.token, task.model_version)
+        .unwrap();
+    assert_eq!(*global, raw.model(task.model_version).await);
+    assert_eq!(
+        service
+            .model_in_process("not-a-token", task.model_version)
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let update = |tensors: NamedTensors, round: u32| mjp::fl::ModelUpdate {
+        round,
+        model_version: task.model_version,
+        kind: mjp::fl::UpdateKind::FedAvg,
+        batch_size: 8,
+        num_examples: 8,
+        local_steps: 1,
+        metrics: Default::default(),
+        tensors,
+    };
+    let delta = {
+        let mut d = (*global).clone();
+        d.scale(1e-3);
+        d
+    };
+    let refused = |r: Result<u32, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        refused(
+            service
+                .submit_in_process("not-a-token", update(delta.clone(), task.round))
+                .await
+        ),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        refused(
+            service
+                .submit_in_process(&raw.token, update(delta.clone(), task.round + 1))
+                .await
+        ),
+        Code::FailedPrecondition
+    );
+    let mut nan = delta.clone();
+    nan.tensors_mut()[0].data[0] = f32::NAN;
+    assert_eq!(
+        refused(
+            service
+                .submit_in_process(&raw.token, update(nan, task.round))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let mut short = delta.clone().into_tensors();
+    short.pop();
+    let short = NamedTensors::new(short);
+    assert_eq!(
+        refused(
+            service
+                .submit_in_process(&raw.token, update(short, task.round))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        service
+            .submit_in_process(&raw.token, update(delta.clone(), task.round))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        refused(
+            service
+                .submit_in_process(&raw.token, update(delta, task.round))
+                .await
+        ),
+        Code::AlreadyExists
+    );
+    coordinator.run_to_completion().await.unwrap();
+    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    assert_eq!(rounds[0].aggregated.len(), 1);
+    // The wrong round, the NaN, the missing tensor and the second submission.
+    assert_eq!(rounds[0].rejected, 4);
 }

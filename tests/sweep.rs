@@ -24,6 +24,8 @@ async fn cells_run_one_by_one_into_one_directory_and_the_report_merges_them() {
         parallel: None,
         device: mjp::DeviceSpec::Flex,
         select: Some(CellSelection::Index(i)),
+        // What `mjpfl sweep` does by default (the federation tests cover the gRPC path).
+        transport: mjpfl_lab::ClientTransport::InProcess,
     };
     // Out of order, as array tasks finish.
     for (k, i) in [2, 0, 1].into_iter().enumerate() {

@@ -352,9 +352,20 @@ async fn train_and_submit(
     round_config: RoundConfig,
 ) -> Result<()> {
     let device = config.device.device()?.autodiff();
+    let link = config.shared.as_ref().and_then(|sh| sh.link()).cloned();
     if local.model.as_ref().is_none_or(|(v, _)| *v != version) {
-        let params = s.protocol.download(&s.joined.token, version).await?;
-        let model = mjp::checkpoint::model_from_params(&s.joined.vit, &params, &device)?;
+        let model = match &link {
+            Some(link) => {
+                let params = link
+                    .model(&s.joined.token, version)
+                    .map_err(|st| ClientError::refused("DownloadModel", st))?;
+                mjp::checkpoint::model_from_params(&s.joined.vit, &params, &device)?
+            }
+            None => {
+                let params = s.protocol.download(&s.joined.token, version).await?;
+                mjp::checkpoint::model_from_params(&s.joined.vit, &params, &device)?
+            }
+        };
         local.model = Some((version, model));
     }
     let (_, model) = local.model.as_ref().expect("model cached above");
@@ -404,15 +415,25 @@ async fn train_and_submit(
     if let Some(dir) = &config.audit_dir {
         write_audit(&AuditLayout::new(dir), &result.audit)?;
     }
-    let reply = s
-        .protocol
-        .submit(&s.joined.token, &result.update, s.joined.max_chunk)
-        .await?;
+    let (round, received) = match &link {
+        Some(link) => {
+            let received = link
+                .submit(&s.joined.token, result.update)
+                .await
+                .map_err(|st| ClientError::refused("SubmitUpdate", st))?;
+            (round, received)
+        }
+        None => {
+            let reply = s
+                .protocol
+                .submit(&s.joined.token, &result.update, s.joined.max_chunk)
+                .await?;
+            (reply.round, reply.received)
+        }
+    };
     tracing::debug!(
-        "{}: round {} update accepted ({} received)",
+        "{}: round {round} update accepted ({received} received)",
         config.name,
-        reply.round,
-        reply.received
     );
     // The next task trains a newer version: a client between rounds holds no model.
     local.model = None;

@@ -2,13 +2,18 @@
 //! training costs almost nothing: the training split is decoded once (not once per client:
 //! each simulated client used to decode all 60,000 Fashion-MNIST images when it joined, and 326
 //! clients took 13 GB), each partitioning is computed once, and clients speak over a few shared
-//! HTTP/2 connections instead of one each.
+//! HTTP/2 connections instead of one each. With an [`InProcessLink`] they also skip the
+//! serialisation of downloads and uploads (joins and task polls still go over gRPC).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use mjp::data::{DataSource, Dataset, Split};
+use mjp::fl::ModelUpdate;
+use mjp::params::NamedTensors;
 use mjp::partition::PartitionScheme;
 use mjp::{Seed, VitConfig};
 use tokio::sync::OnceCell;
@@ -25,6 +30,23 @@ struct Split_ {
 
 type Key = (String, PathBuf, usize, usize);
 
+/// A coordinator in this process that simulated clients hand their downloads and uploads to
+/// directly, instead of streaming them over loopback. The coordinator runs the same checks as for
+/// an upload from the network (session, round, layout, values, norm) and folds and taps the update
+/// the same way; only the encoding to bytes and back is skipped, which changes no value (the wire
+/// carries f32s as they are). Refusals come back as the status the gRPC call would have returned,
+/// so the client's handling of them is the same too.
+pub trait InProcessLink: Send + Sync {
+    /// Global model `version`, for the session `token`.
+    fn model(&self, token: &str, version: u64) -> std::result::Result<Arc<NamedTensors>, tonic::Status>;
+    /// Submits `update` for the session `token`; the updates received this round so far.
+    fn submit<'a>(
+        &'a self,
+        token: &'a str,
+        update: ModelUpdate,
+    ) -> Pin<Box<dyn Future<Output = std::result::Result<u32, tonic::Status>> + Send + 'a>>;
+}
+
 /// Data and connections shared by in-process clients.
 #[derive(Default)]
 pub struct SharedClients {
@@ -33,12 +55,14 @@ pub struct SharedClients {
     /// Clients per shared connection (0: each client connects on its own).
     clients_per_connection: usize,
     handed_out: std::sync::atomic::AtomicUsize,
+    in_process: Option<Arc<dyn InProcessLink>>,
 }
 
 impl std::fmt::Debug for SharedClients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedClients")
             .field("clients_per_connection", &self.clients_per_connection)
+            .field("in_process", &self.in_process.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -52,6 +76,20 @@ impl SharedClients {
             clients_per_connection,
             ..Self::default()
         })
+    }
+
+    /// Like [`Self::new`], downloads and uploads going to `link` in process.
+    pub fn in_process(clients_per_connection: usize, link: Arc<dyn InProcessLink>) -> Arc<Self> {
+        Arc::new(Self {
+            clients_per_connection,
+            in_process: Some(link),
+            ..Self::default()
+        })
+    }
+
+    /// The in-process coordinator downloads and uploads go to, if any.
+    pub fn link(&self) -> Option<&Arc<dyn InProcessLink>> {
+        self.in_process.as_ref()
     }
 
     /// The connection the next client uses, when connections are shared.

@@ -5,14 +5,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mjp::fl::{ObservedUpdate, UploadHeader};
+use mjp::fl::{ModelUpdate, ObservedUpdate, UploadHeader};
 use mjp::params::NamedTensors;
-use mjpfl_proto::convert::{self, DeclaredTensors};
+use mjpfl_proto::convert::{self, DeclaredTensors, TensorLayout};
 use mjpfl_proto::v1;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::federation::{Federation, Refusal, TaskDecision, Transfer, TransferGuard};
+use crate::federation::{Federation, Refusal, TaskDecision, Transfer, TransferGuard, UploadTicket};
 
 /// How long GetTask holds a poll open when there is nothing to do.
 const LONG_POLL: Duration = Duration::from_secs(10);
@@ -62,25 +62,12 @@ impl FederationService {
         mut stream: Streaming<v1::UpdateMessage>,
         authenticated: Option<crate::wire_limits::Authenticated>,
     ) -> Result<u32, Status> {
-        let client = self.fed.authenticate(&header.session_token)?;
-        let _in_flight = self.fed.begin(&client, Transfer::Upload)?;
-        // A session's chunks are bounded by its one upload in flight: no longer charged to the
-        // budget shared with callers nobody has authenticated.
-        if let Some(a) = authenticated {
-            a.set();
-        }
-        let ticket = self.fed.admit(&client, &header)?;
-        let layout = declared.check(self.fed.manifest(), header.total_bytes)?;
+        let (ticket, layout, _in_flight) = self.open_upload(&header, declared, authenticated)?;
         let idle = self.idle_timeout();
         // One model's worth of memory per update being decoded: bound how many at once, and
         // take a slot only once data flows (a header followed by silence holds none).
         let mut next = next_chunk(&mut stream, idle).await?;
-        let _permit = self
-            .fed
-            .upload_permits()
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("coordinator shutting down"))?;
+        let _permit = self.decode_permit().await?;
         let mut assembler = layout.assembler_with_buffers(
             self.fed.config().server.max_chunk_bytes,
             self.fed.decode_buffers(),
@@ -92,6 +79,90 @@ impl FederationService {
         let tensors = assembler.finish()?;
         let update = header.into_update(ticket.kind, tensors);
         Ok(self.fed.accept(ticket, update)?)
+    }
+
+    /// The checks an upload passes before any of its values are read: the session, its one
+    /// upload in flight (held until the returned guard drops), the round's admission of the
+    /// header and the declared tensors against the model.
+    fn open_upload(
+        &self,
+        header: &UploadHeader,
+        declared: DeclaredTensors,
+        authenticated: Option<crate::wire_limits::Authenticated>,
+    ) -> Result<(UploadTicket, TensorLayout, TransferGuard), Status> {
+        let client = self.fed.authenticate(&header.session_token)?;
+        let in_flight = self.fed.begin(&client, Transfer::Upload)?;
+        // A session's chunks are bounded by its one upload in flight: no longer charged to the
+        // budget shared with callers nobody has authenticated.
+        if let Some(a) = authenticated {
+            a.set();
+        }
+        let ticket = self.fed.admit(&client, header)?;
+        let layout = declared.check(self.fed.manifest(), header.total_bytes)?;
+        Ok((ticket, layout, in_flight))
+    }
+
+    async fn decode_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.fed
+            .upload_permits()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("coordinator shutting down"))
+    }
+
+    /// Counts and logs a refused upload (a session's refusals against the open round; calls
+    /// without a valid session apart, logged at a bounded rate).
+    fn note_refusal(&self, round: u32, status: &Status) {
+        if status.code() == tonic::Code::Unauthenticated {
+            // Anyone can make these calls: counted apart from the round's rejections, and
+            // logged at a bounded rate (the first ten, then at powers of two).
+            let n = self.fed.note_unauthenticated();
+            if n <= 10 || n.is_power_of_two() {
+                tracing::warn!(
+                    "update refused without a valid session ({n} so far): {}",
+                    status.message()
+                );
+            }
+        } else {
+            self.fed.note_rejection();
+            tracing::warn!(
+                "update for round {round} refused ({:?}): {}",
+                status.code(),
+                status.message()
+            );
+        }
+    }
+
+    /// An update handed over in process by a simulated client of this process, through the
+    /// checks of [`Self::submit_update`]'s: the header converted as from the wire, the session,
+    /// the round's admission, the declared layout, a decoding permit, and the manifest, value,
+    /// norm and weight checks of `accept` before the update is folded and tapped. Only the
+    /// serialisation is skipped; the values are the same f32s the wire would carry. Returns the
+    /// updates received this round, this one included.
+    pub async fn submit_in_process(&self, token: &str, update: ModelUpdate) -> Result<u32, Status> {
+        let (header, declared) =
+            convert::upload_header_from_wire(convert::update_header(&update, token));
+        let round = header.round;
+        let result = async {
+            let (ticket, _layout, _in_flight) = self.open_upload(&header, declared, None)?;
+            let _permit = self.decode_permit().await?;
+            let update = header.into_update(ticket.kind, update.tensors);
+            Ok(self.fed.accept(ticket, update)?)
+        }
+        .await;
+        if let Err(status) = &result {
+            self.note_refusal(round, status);
+        }
+        result
+    }
+
+    /// Global model `version` for a simulated client of this process: the checks of
+    /// `DownloadModel` (the session, one download in flight, a version the federation holds)
+    /// without streaming it.
+    pub fn model_in_process(&self, token: &str, version: u64) -> Result<Arc<NamedTensors>, Status> {
+        let client = self.fed.authenticate(token)?;
+        let _guard = self.fed.begin(&client, Transfer::Download)?;
+        Ok(self.fed.model(version)?)
     }
 }
 
@@ -342,26 +413,8 @@ impl v1::federation_server::Federation for FederationService {
                 round,
                 received,
             })),
-            Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                // Anyone can make these calls: counted apart from the round's rejections, and
-                // logged at a bounded rate (the first ten, then at powers of two).
-                let n = self.fed.note_unauthenticated();
-                if n <= 10 || n.is_power_of_two() {
-                    tracing::warn!(
-                        "update refused without a valid session ({n} so far): {}",
-                        status.message()
-                    );
-                }
-                Err(status)
-            }
             Err(status) => {
-                // A session's refusals are counted against the open round and logged.
-                self.fed.note_rejection();
-                tracing::warn!(
-                    "update for round {round} refused ({:?}): {}",
-                    status.code(),
-                    status.message()
-                );
+                self.note_refusal(round, &status);
                 Err(status)
             }
         }

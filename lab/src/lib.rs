@@ -32,4 +32,4 @@ pub mod stats;
 pub mod sweep;
 
 pub use error::{LabError, Result};
-pub use simulate::{SimulationOptions, SimulationOutcome, run_simulation};
+pub use simulate::{ClientTransport, SimulationOptions, SimulationOutcome, run_simulation};

@@ -1,9 +1,14 @@
 //! A whole federation in this process: a coordinator on 127.0.0.1, N clients and (optionally)
-//! the adversary, all talking real gRPC over loopback, with progress per round. What
-//! `mjpfl simulate`, every sweep cell and the end-to-end tests run.
+//! the adversary, with progress per round. The clients join and poll for tasks over real gRPC on
+//! loopback; their downloads and uploads go over it too ([`ClientTransport::Grpc`], what the
+//! end-to-end tests run) or are handed to the coordinator in process
+//! ([`ClientTransport::InProcess`], what `mjpfl simulate` and `mjpfl sweep` do by default),
+//! through the same checks, fold and tap. What `mjpfl simulate`, every sweep cell and the
+//! end-to-end tests run.
 
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,8 +16,9 @@ use mjp::DeviceSpec;
 use mjp::layout::RunLayout;
 use mjpfl_attacks::{AdversaryConfig, AdversarySettings};
 use mjpfl_client::ClientConfig;
-use mjpfl_client::shared::SharedClients;
+use mjpfl_client::shared::{InProcessLink, SharedClients};
 use mjpfl_client::workers::TrainingWorkers;
+use mjpfl_coordinator::service::FederationService;
 use mjpfl_coordinator::{Coordinator, CoordinatorConfig, Federation};
 use tokio::sync::watch;
 
@@ -27,6 +33,60 @@ const CLIENTS_PER_CONNECTION: usize = 8;
 /// turn in the client-id-ordered fold (unless the configuration sets `ordered_fold_mb`).
 pub const SIMULATION_ORDERED_FOLD_MB: u64 = 1024;
 
+/// How simulated clients move models and updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClientTransport {
+    /// Downloads and uploads stream over gRPC on loopback, as an external client's do.
+    #[default]
+    Grpc,
+    /// Downloads and uploads are handed to the coordinator in process: the same checks, fold
+    /// and tap, no serialisation (the same values, so the same results).
+    InProcess,
+}
+
+impl std::str::FromStr for ClientTransport {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "grpc" => Ok(Self::Grpc),
+            "in-process" => Ok(Self::InProcess),
+            other => Err(format!(
+                "unknown client transport {other:?} (expected grpc or in-process)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Grpc => "grpc",
+            Self::InProcess => "in-process",
+        })
+    }
+}
+
+/// The coordinator's service, called directly by the simulated clients of this process.
+struct Link(FederationService);
+
+impl InProcessLink for Link {
+    fn model(
+        &self,
+        token: &str,
+        version: u64,
+    ) -> std::result::Result<Arc<mjp::params::NamedTensors>, tonic::Status> {
+        self.0.model_in_process(token, version)
+    }
+
+    fn submit<'a>(
+        &'a self,
+        token: &'a str,
+        update: mjp::fl::ModelUpdate,
+    ) -> Pin<Box<dyn Future<Output = std::result::Result<u32, tonic::Status>> + Send + 'a>> {
+        Box::pin(self.0.submit_in_process(token, update))
+    }
+}
+
 /// How a simulation runs, beside the coordinator's configuration.
 #[derive(Clone, Debug)]
 pub struct SimulationOptions {
@@ -39,6 +99,9 @@ pub struct SimulationOptions {
     pub adversary: Option<AdversarySettings>,
     /// Where clients train and the adversary computes.
     pub device: DeviceSpec,
+    /// How the simulated clients' downloads and uploads reach the coordinator (gRPC by default:
+    /// the path external clients take).
+    pub transport: ClientTransport,
 }
 
 impl Default for SimulationOptions {
@@ -48,6 +111,7 @@ impl Default for SimulationOptions {
             train_concurrency: 0,
             adversary: Some(AdversarySettings::default()),
             device: DeviceSpec::Flex,
+            transport: ClientTransport::Grpc,
         }
     }
 }
@@ -118,11 +182,18 @@ pub async fn run_simulation(
     };
     let workers = TrainingWorkers::split_cores(options.train_concurrency, cohort)?;
     tracing::info!(
-        "clients train on {} workers of {} threads",
+        "clients train on {} workers of {} threads; models and updates move by {}",
         workers.workers(),
-        workers.threads()
+        workers.threads(),
+        options.transport
     );
-    let shared = SharedClients::new(CLIENTS_PER_CONNECTION);
+    let shared = match options.transport {
+        ClientTransport::Grpc => SharedClients::new(CLIENTS_PER_CONNECTION),
+        ClientTransport::InProcess => SharedClients::in_process(
+            CLIENTS_PER_CONNECTION,
+            Arc::new(Link(FederationService::new(federation.clone()))),
+        ),
+    };
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..n {
         let mut c = ClientConfig::new(endpoint.clone(), format!("sim-{i:02}"));

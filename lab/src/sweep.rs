@@ -27,6 +27,8 @@ pub struct SweepOptions {
     /// Run only these cells (a Slurm array task, a Kubernetes Indexed Job pod, a shard); the
     /// report is then left to `mjpfl report` once every cell is done.
     pub select: Option<CellSelection>,
+    /// How the cells' simulated clients move models and updates.
+    pub transport: crate::simulate::ClientTransport,
 }
 
 /// Which cells of a sweep one process runs.
@@ -147,6 +149,7 @@ pub async fn run_sweep(
                 train_concurrency: if parallel <= 1 { 0 } else { 1 },
                 adversary: (!file.adversary.attacks.is_empty()).then(|| file.adversary.clone()),
                 device: options.device,
+                transport: options.transport,
             };
             let layout = layout.clone();
             runs.spawn(async move { run_cell(&layout, cell, options, stopped).await });

@@ -17,7 +17,6 @@ use crate::config::VitConfig;
 use crate::error::{MjpError, Result};
 use crate::model::Vit;
 use crate::params::{NamedTensor, NamedTensors};
-use crate::seed::Seed;
 
 /// Metadata key holding the architecture as JSON.
 pub const CONFIG_KEY: &str = "mjpfl.vit_config";
@@ -93,7 +92,7 @@ impl Checkpoint {
 
     /// Builds the model on `device`.
     pub fn into_model(self, device: &Device) -> Result<Vit> {
-        let model = Vit::new(&self.config, Seed(0), device);
+        let model = Vit::skeleton(&self.config, device);
         self.params.load_into(model, self.param_ids.as_ref())
     }
 }
@@ -104,7 +103,7 @@ pub fn model_from_params(
     params: &NamedTensors,
     device: &Device,
 ) -> Result<Vit> {
-    params.load_into(Vit::new(config, Seed(0), device), None)
+    params.load_into(Vit::skeleton(config, device), None)
 }
 
 /// Result of a timm import: which of our tensors were loaded and which were left as initialised.
