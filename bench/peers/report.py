@@ -46,7 +46,14 @@ def cmd_mjpfl(a):
         "local_steps": a.local_steps,
         "batch_size": a.batch_size,
         "wall_s": outer["wall_s"],
-        "secs_per_round": [round(r["wall_seconds"], 3) for r in recs],
+        # Round 1: open to commit (start-up excluded, as the peers' first round callback does
+        # not include theirs either); later rounds: commit to commit, so whatever happens between
+        # rounds (sampling, waking every waiting client, the next round's first task) counts.
+        "secs_per_round": [round(recs[0]["wall_seconds"], 3)] + [
+            round((b["committed_unix_ms"] - a["committed_unix_ms"]) / 1000.0, 3)
+            for a, b in zip(recs, recs[1:])
+        ] if recs else [],
+        "open_to_commit_s": [round(r["wall_seconds"], 3) for r in recs],
         "aggregated_per_round": [len(r.get("aggregated", [])) for r in recs],
         "attempts": [r.get("attempt", 1) for r in recs],
         "peak_rss_mb": outer["peak_rss_mb"],

@@ -288,6 +288,8 @@ struct State {
     history: Vec<RoundRecord>,
     failure: Option<String>,
     attempt: u32,
+    /// When the connected clients were last counted for a waiting long-poll, and how many.
+    connected_hint: Option<(std::time::Instant, u32)>,
 }
 
 /// The federation: shared by the gRPC services and the round driver.
@@ -437,6 +439,7 @@ impl Federation {
                 history,
                 failure: None,
                 attempt: 1,
+                connected_hint: None,
             }),
             changed,
             submitted,

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use super::{Federation, Refusal, State};
 use crate::auth::Member;
 
+/// How old the connected count in a waiting client's reason may be.
+const CONNECTED_HINT_AGE: Duration = Duration::from_millis(250);
+
 /// A joined client.
 #[derive(Clone, Debug)]
 pub struct ClientEntry {
@@ -174,10 +177,25 @@ impl Federation {
     /// Clients that called within `client_timeout_secs`.
     pub(super) fn connected(&self, s: &State) -> u32 {
         let timeout = Duration::from_secs_f64(self.config.federation.client_timeout_secs);
+        let now = Instant::now();
         s.clients
             .values()
-            .filter(|c| c.last_seen.elapsed() < timeout)
+            .filter(|c| now.saturating_duration_since(c.last_seen) < timeout)
             .count() as u32
+    }
+
+    /// [`Self::connected`], counted at most every [`CONNECTED_HINT_AGE`] (for the reason a
+    /// waiting long-poll is given: with 10,000 registered clients, all 10,000 polls woken by a
+    /// round event each counting all 10,000 clients took seconds per round).
+    pub(super) fn connected_recently(&self, s: &mut State) -> u32 {
+        if let Some((at, n)) = s.connected_hint
+            && at.elapsed() < CONNECTED_HINT_AGE
+        {
+            return n;
+        }
+        let n = self.connected(s);
+        s.connected_hint = Some((Instant::now(), n));
+        n
     }
 }
 

@@ -155,7 +155,7 @@ impl Federation {
 
     /// What client `id` should do now.
     pub fn task_for(&self, id: &str) -> TaskDecision {
-        let s = self.lock();
+        let mut s = self.lock();
         if s.phase == Phase::Finished {
             return TaskDecision::Finished {
                 reason: s
@@ -186,7 +186,7 @@ impl Federation {
             Some(r) => TaskDecision::Wait(format!("not sampled in round {}", r.round)),
             None => TaskDecision::Wait(format!(
                 "waiting for clients ({} connected, {} needed)",
-                self.connected(&s),
+                self.connected_recently(&mut s),
                 self.config.federation.min_clients
             )),
         }
