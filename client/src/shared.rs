@@ -38,7 +38,11 @@ type Key = (String, PathBuf, usize, usize);
 /// so the client's handling of them is the same too.
 pub trait InProcessLink: Send + Sync {
     /// Global model `version`, for the session `token`.
-    fn model(&self, token: &str, version: u64) -> std::result::Result<Arc<NamedTensors>, tonic::Status>;
+    fn model(
+        &self,
+        token: &str,
+        version: u64,
+    ) -> std::result::Result<Arc<NamedTensors>, tonic::Status>;
     /// Submits `update` for the session `token`; the updates received this round so far.
     fn submit<'a>(
         &'a self,

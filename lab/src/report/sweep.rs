@@ -513,6 +513,18 @@ fn draw_frontier(dir: &Path, s: &SweepSummary) -> Result<()> {
             }
         })
     };
+    // A setting none of whose attacks applies (fedavg-ig to the secure-aggregation view's sum,
+    // say) is drawn at what the attacker can always produce: the mean image.
+    let at_baseline = |x: &SettingStats| {
+        (x.strongest.is_empty() && !x.baseline.is_empty() && !x.acc.is_empty()).then(|| {
+            let (a, ah) = ci95(&x.acc);
+            ErrPoint {
+                x: ci95(&x.baseline),
+                y: (100.0 * a, 100.0 * ah),
+                label: String::new(),
+            }
+        })
+    };
     let plain = |x: &SettingStats| !x.defense.client.is_active() && !x.defense.secure_aggregation;
     let mut mjp: Vec<(f64, ErrPoint)> = s
         .settings
@@ -559,6 +571,12 @@ fn draw_frontier(dir: &Path, s: &SweepSummary) -> Result<()> {
         if let Some(p) = point(x, String::new()) {
             series.push(ErrSeries {
                 label: x.setting.clone(),
+                points: vec![p],
+                joined: false,
+            });
+        } else if let Some(p) = at_baseline(x) {
+            series.push(ErrSeries {
+                label: format!("{} (no attack applies: at the mean image)", x.setting),
                 points: vec![p],
                 joined: false,
             });
@@ -628,7 +646,11 @@ fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<Str
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             x.setting,
             x.defense.label(),
-            plus_minus_ci(&x.epsilon, 1.0, 2),
+            if x.epsilon.is_empty() && x.defense.client.is_private() {
+                "no finite value".to_string()
+            } else {
+                plus_minus_ci(&x.epsilon, 1.0, 2)
+            },
             x.seeds,
             plus_minus_ci(&x.acc, 100.0, 2),
             plus_minus_ci(&x.jig, 100.0, 2),
@@ -663,8 +685,30 @@ fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<Str
         "\n± is the half-width of the 95% confidence interval over seeds (Student's t). PSNR/SSIM \
          are against the original private image; the strongest attack is, per seed, the best \
          mean PSNR of any attack but the mean-image baseline. epsilon: the largest of any \
-         client at the end (local DP, delta as configured), `-` without noise.\n"
+         client at the end (local DP, delta as configured), `-` without noise, no finite value \
+         where the noise is so small that opendp's conversion of the composed zCDP gives none.\n"
     )?;
+    let unattacked: Vec<&str> = s
+        .settings
+        .iter()
+        .filter(|x| x.strongest.is_empty() && !x.baseline.is_empty())
+        .map(|x| x.setting.as_str())
+        .collect();
+    if !unattacked.is_empty() {
+        writeln!(
+            md,
+            "No attack of this sweep applied to the updates of {} (a strongest attack of `-`: for \
+             example `fedavg-ig` simulates one client, and the secure-aggregation view shows the \
+             adversary only the round's sum); the frontier draws them at the mean-image \
+             baseline, what an attacker can always produce, which is not evidence that nothing \
+             stronger exists.\n",
+            unattacked
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
     writeln!(md, "## Plots\n")?;
     writeln!(md, "![accuracy vs round](plots/accuracy_vs_round.png)\n")?;
     for a in &s.attacks {
