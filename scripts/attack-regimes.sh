@@ -61,6 +61,15 @@ run "fedavg-n4-b4-e3-learned-fuse4" "${learned[@]}" --attack-iterations 300 "${f
 run "fedavg-n4-b2-e2-learned-fuse4" "${learned[@]}" --attack-iterations 300 "${fuse[@]}" \
   --attacks fedavg-ig,ig-pe,mean-image --count 8 --client-size 4 --batch 2 --fedavg-epochs 2
 
+# The frontier sweep's privacy axis with more clients (issue 15): the sweep attacks one client
+# per cell on round 1, which is this case (8 images, batch 4, 2 epochs, lr 0.05, the model at
+# initialisation); 8 clients per PE mode, scored against the mean image on the same images.
+for pe in "learned" "mjp --ratio 0.1" "mjp --ratio 0.25"; do
+  # shellcheck disable=SC2086
+  run "fedavg-n8-b4-e2-$(tag "$pe")-8clients" "${fmnist[@]}" --count 64 --pe $pe \
+    --fedavg-epochs 2 --client-size 8 --batch 4 --local-lr 0.05 --attacks fedavg-ig,mean-image
+done
+
 # CIFAR-10 (the 20 real images) on vit-tiny-32, FedSGD batch 1: the closed forms.
 cifar=(--images folder:data/attack-targets/cifar10 --count 20 --preset vit-tiny-32)
 for pe in "${pe_modes[@]}"; do

@@ -161,8 +161,24 @@ fn print_record(r: &UpdateRecord) {
     );
 }
 
+/// Per update where both are scored: the attack's mean PSNR minus the mean-image baseline's on
+/// the same images (a paired difference: the images' own spread cancels).
+fn against_baseline(records: &[UpdateRecord], attack: &str) -> Vec<f64> {
+    let psnr = |r: &UpdateRecord, name: &str| {
+        r.attacks
+            .iter()
+            .find(|a| a.attack == name)
+            .and_then(|a| a.scores.as_ref())
+            .map(|s| s.mean_psnr)
+    };
+    records
+        .iter()
+        .filter_map(|r| Some(psnr(r, attack)? - psnr(r, mjpfl_attacks::regime::BASELINE)?))
+        .collect()
+}
+
 /// Per attack: updates scored, PSNR mean and median, SSIM, PSNR against what the model saw,
-/// and seconds per case; then label recovery.
+/// seconds per case and the paired difference to the mean-image baseline; then label recovery.
 fn print_table(records: &[UpdateRecord]) {
     println!(
         "\n{} updates; label recovery accuracy {:.1}%",
@@ -170,7 +186,7 @@ fn print_table(records: &[UpdateRecord]) {
         label_recovery(records).map_or(0.0, |(a, _)| 100.0 * a)
     );
     println!(
-        "{:<16} {:>6} {:>10} {:>10} {:>8} {:>8} {:>12} {:>8}",
+        "{:<16} {:>6} {:>10} {:>10} {:>8} {:>8} {:>12} {:>8}  - mean image, paired (dB, 95% CI)",
         "attack", "scored", "PSNR mean", "PSNR med", ">20 dB", "SSIM", "PSNR (seen)", "s/case"
     );
     for s in per_attack(records) {
@@ -178,8 +194,13 @@ fn print_table(records: &[UpdateRecord]) {
             println!("{:<16} {:>6}", s.attack, 0);
             continue;
         }
+        let paired = if s.attack == mjpfl_attacks::regime::BASELINE {
+            Vec::new()
+        } else {
+            against_baseline(records, &s.attack)
+        };
         println!(
-            "{:<16} {:>6} {:>10.2} {:>10.2} {:>7.0}% {:>8.3} {:>12.2} {:>8.1}",
+            "{:<16} {:>6} {:>10.2} {:>10.2} {:>7.0}% {:>8.3} {:>12.2} {:>8.1}  {}",
             s.attack,
             s.scored,
             s.mean_psnr,
@@ -187,7 +208,8 @@ fn print_table(records: &[UpdateRecord]) {
             100.0 * s.recovered_fraction,
             s.mean_ssim,
             s.mean_psnr_seen,
-            s.mean_seconds
+            s.mean_seconds,
+            mjpfl_lab::stats::plus_minus_ci(&paired, 1.0, 2)
         );
     }
 }

@@ -162,16 +162,22 @@ async fn in_process_clients_give_the_grpc_run_bit_for_bit() {
 }
 
 /// An update handed over in process meets the checks of one from the network: the session, the
-/// round, the manifest and the values; refused ones are counted and change nothing.
+/// round, the manifest and the values; refused ones are counted and change nothing. The round
+/// waits for a second client, so the duplicate is refused as a duplicate and not because the
+/// round has already been committed (which a one-client round could do at any moment after
+/// its one update: the race a CI run hit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_updates_meet_the_network_checks() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = small_config(1, 1);
+    let mut config = small_config(2, 1);
     config.data.skip_eval = true;
     let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
     let endpoint = format!("http://{}", coordinator.addr);
     let mut raw = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let mut other = RawClient::join(&endpoint, "mjpfl").await.unwrap();
     let task = raw.train_task().await;
+    let other_task = other.train_task().await;
+    assert_eq!(other_task.round, task.round);
     let service = FederationService::new(coordinator.federation.clone());
     let global = service
         .model_in_process(&raw.token, task.model_version)
@@ -247,14 +253,21 @@ async fn in_process_updates_meet_the_network_checks() {
     assert_eq!(
         refused(
             service
-                .submit_in_process(&raw.token, update(delta, task.round))
+                .submit_in_process(&raw.token, update(delta.clone(), task.round))
                 .await
         ),
         Code::AlreadyExists
     );
+    assert_eq!(
+        service
+            .submit_in_process(&other.token, update(delta, task.round))
+            .await
+            .unwrap(),
+        2
+    );
     coordinator.run_to_completion().await.unwrap();
     let rounds = rundir::read_rounds(dir.path()).unwrap();
-    assert_eq!(rounds[0].aggregated.len(), 1);
+    assert_eq!(rounds[0].aggregated.len(), 2);
     // The wrong round, the NaN, the missing tensor and the second submission.
     assert_eq!(rounds[0].rejected, 4);
 }

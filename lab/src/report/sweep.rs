@@ -145,6 +145,39 @@ pub struct SettingStats {
     pub cons: Vec<f64>,
     /// Attack -> one entry per seed.
     pub attacks: BTreeMap<String, Vec<CellAttack>>,
+    /// Seed -> that seed's figures, for comparisons paired by seed.
+    pub per_seed: BTreeMap<u64, SeedFigures>,
+}
+
+/// One seed's figures of a setting. Cells of one seed share the initial model, the partition,
+/// the sampled clients and so the attacked images, whatever the setting: differences taken
+/// seed by seed cancel what the particular images and clients contribute.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SeedFigures {
+    /// Final accuracy.
+    pub accuracy: Option<f64>,
+    /// The strongest attack's mean PSNR.
+    pub strongest: Option<f64>,
+    /// The mean-image baseline's mean PSNR.
+    pub baseline: Option<f64>,
+}
+
+/// `f(a) - f(b)` over the seeds where both have a value.
+fn paired(
+    a: &BTreeMap<u64, SeedFigures>,
+    b: &BTreeMap<u64, SeedFigures>,
+    f: impl Fn(&SeedFigures) -> Option<f64>,
+) -> Vec<f64> {
+    a.iter()
+        .filter_map(|(seed, x)| Some(f(x)? - f(b.get(seed)?)?))
+        .collect()
+}
+
+/// Which side of zero a paired difference's 95% CI lies on: `Some(true)` above, `Some(false)`
+/// below, `None` where the interval holds zero (or there are fewer than two seeds).
+fn resolved(diffs: &[f64]) -> Option<bool> {
+    let (m, h) = ci95(diffs);
+    (diffs.len() > 1 && h.is_finite() && m.abs() > h).then_some(m > 0.0)
 }
 
 /// One seed's curve.
@@ -224,6 +257,7 @@ pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
                     jig: vec![],
                     cons: vec![],
                     attacks: BTreeMap::new(),
+                    per_seed: BTreeMap::new(),
                 });
                 s.settings.len() - 1
             }
@@ -262,6 +296,18 @@ pub fn aggregate(cells: &[CellResults]) -> SweepSummary {
         let (best, baseline) = mjpfl_attacks::regime::strongest(&scored);
         st.strongest.extend(best.map(|b| b.mean_psnr));
         st.baseline.extend(baseline.map(|b| b.mean_psnr));
+        st.per_seed.insert(
+            c.seed,
+            SeedFigures {
+                accuracy: cell
+                    .rounds
+                    .last()
+                    .and_then(|r| r.test.as_ref())
+                    .map(|t| t.accuracy),
+                strongest: best.map(|b| b.mean_psnr),
+                baseline: baseline.map(|b| b.mean_psnr),
+            },
+        );
         for a in scored {
             if !s.attacks.contains(&a.attack) {
                 s.attacks.push(a.attack.clone());
@@ -613,6 +659,104 @@ pub fn write_sweep_report(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The reference of the paired comparisons: the first setting with learned PE and no defense.
+fn reference(s: &SweepSummary) -> Option<&SettingStats> {
+    s.settings
+        .iter()
+        .find(|x| x.pe == "learned" && x.defense == mjpfl_coordinator::RoundDefense::default())
+}
+
+/// The section of differences paired by seed: each setting's strongest attack against the
+/// mean-image baseline on the same images, and its attack PSNR and accuracy against the
+/// reference setting's on the same seed.
+fn write_paired(md: &mut String, s: &SweepSummary) -> Result<()> {
+    let Some(base) = reference(s) else {
+        return Ok(());
+    };
+    if base.per_seed.len() < 2 {
+        return Ok(());
+    }
+    let same_images = s.settings.iter().all(|x| {
+        x.per_seed.iter().all(|(seed, f)| {
+            match (f.baseline, base.per_seed.get(seed).and_then(|b| b.baseline)) {
+                (Some(a), Some(b)) => (a - b).abs() < 1e-9,
+                _ => true,
+            }
+        })
+    });
+    writeln!(md, "## Paired by seed\n")?;
+    writeln!(
+        md,
+        "Cells of one seed share the initial model, the partition, the sampled clients and the \
+         attacked images{}, so differences taken seed by seed cancel what the particular images \
+         contribute: far tighter intervals than the table's, which mix that spread in. \
+         Reference: `{}`. A verdict needs the 95% CI of the difference to exclude zero.\n",
+        if same_images {
+            " (the mean-image baseline is the same in every setting, seed by seed)"
+        } else {
+            " (but the mean-image baseline differs between settings of one seed here: the \
+             attacked images are not the same, and these pairs are weaker than they look)"
+        },
+        base.setting
+    )?;
+    writeln!(
+        md,
+        "| setting | seeds | strongest attack - mean image (dB) | | strongest attack - `{0}` (dB) | | accuracy - `{0}` (points) | |",
+        base.setting
+    )?;
+    writeln!(md, "|---|---:|---:|---|---:|---|---:|---|")?;
+    for x in &s.settings {
+        let vs_mean: Vec<f64> = x
+            .per_seed
+            .values()
+            .filter_map(|f| Some(f.strongest? - f.baseline?))
+            .collect();
+        let vs_psnr = paired(&x.per_seed, &base.per_seed, |f| f.strongest);
+        let vs_acc = paired(&x.per_seed, &base.per_seed, |f| f.accuracy);
+        let is_base = std::ptr::eq(x, base);
+        let say = |d: &[f64], above: &str, below: &str| match resolved(d) {
+            _ if d.is_empty() => "-".to_string(),
+            Some(true) => above.to_string(),
+            Some(false) => below.to_string(),
+            None => "not resolved".to_string(),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            x.setting,
+            x.per_seed.len(),
+            plus_minus_ci(&vs_mean, 1.0, 2),
+            say(&vs_mean, "above the baseline", "**below the baseline**"),
+            if is_base {
+                "-".into()
+            } else {
+                plus_minus_ci(&vs_psnr, 1.0, 2)
+            },
+            if is_base {
+                "-".into()
+            } else {
+                say(&vs_psnr, "more leaked", "**less leaked**")
+            },
+            if is_base {
+                "-".into()
+            } else {
+                plus_minus_ci(&vs_acc, 100.0, 2)
+            },
+            if is_base {
+                "-".into()
+            } else {
+                say(&vs_acc, "more accurate", "less accurate")
+            }
+        )?;
+    }
+    writeln!(
+        md,
+        "\nA setting no attack applied to shows `-` (it is drawn at the baseline). \"not resolved\" \
+         is what it says: the sweep's seeds do not tell the two apart.\n"
+    )?;
+    Ok(())
+}
+
 fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<String> {
     let sweep_file = std::fs::read_to_string(layout.sweep_file()).unwrap_or_default();
     let cells: usize = s.settings.iter().map(|x| x.seeds).sum();
@@ -709,6 +853,7 @@ fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<Str
                 .join(", ")
         )?;
     }
+    write_paired(&mut md, s)?;
     writeln!(md, "## Plots\n")?;
     writeln!(md, "![accuracy vs round](plots/accuracy_vs_round.png)\n")?;
     for a in &s.attacks {
@@ -744,4 +889,89 @@ fn markdown(layout: &SweepLayout, s: &SweepSummary, drawn: &Drawn) -> Result<Str
     )?;
     writeln!(md, "## Sweep file\n\n```toml\n{sweep_file}```")?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting(name: &str, pe: &str, seeds: &[(u64, f64, f64, f64)]) -> SettingStats {
+        SettingStats {
+            setting: name.into(),
+            pe: pe.into(),
+            ratio: None,
+            defense: Default::default(),
+            seeds: seeds.len(),
+            epsilon: vec![],
+            strongest: vec![],
+            baseline: vec![],
+            acc: vec![],
+            jig: vec![],
+            cons: vec![],
+            attacks: BTreeMap::new(),
+            per_seed: seeds
+                .iter()
+                .map(|&(seed, accuracy, strongest, baseline)| {
+                    (
+                        seed,
+                        SeedFigures {
+                            accuracy: Some(accuracy),
+                            strongest: Some(strongest),
+                            baseline: Some(baseline),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn differences_are_paired_by_seed_and_judged_by_their_interval() {
+        // Per-seed PSNRs that spread over 3 dB, and a paired gap that barely moves.
+        let learned = setting(
+            "learned",
+            "learned",
+            &[
+                (1, 0.70, 11.0, 10.0),
+                (2, 0.72, 12.0, 10.6),
+                (3, 0.68, 14.1, 11.8),
+            ],
+        );
+        let mjp = setting(
+            "mjp 0.25",
+            "mjp",
+            &[
+                (1, 0.69, 8.4, 10.0),
+                (2, 0.73, 7.9, 10.6),
+                (3, 0.66, 9.6, 11.8),
+                (4, 0.7, 9.0, 11.0),
+            ],
+        );
+        let d = paired(&mjp.per_seed, &learned.per_seed, |f| f.strongest);
+        assert_eq!(d.len(), 3, "seed 4 has no partner");
+        assert!((d[0] + 2.6).abs() < 1e-9 && (d[2] + 4.5).abs() < 1e-9);
+        assert_eq!(resolved(&d), Some(false));
+        assert_eq!(resolved(&[1.0, -1.0, 0.5]), None);
+        assert_eq!(resolved(&[2.0]), None, "one seed decides nothing");
+        let s = SweepSummary {
+            rows: vec![],
+            settings: vec![mjp, learned],
+            attacks: vec![],
+            accuracy_curves: BTreeMap::new(),
+            psnr_curves: BTreeMap::new(),
+        };
+        let mut md = String::new();
+        write_paired(&mut md, &s).unwrap();
+        assert!(md.contains("Reference: `learned`"), "{md}");
+        assert!(md.contains("the same in every setting"), "{md}");
+        let row = md.lines().find(|l| l.starts_with("| mjp 0.25 |")).unwrap();
+        assert!(
+            row.contains("**below the baseline**") && row.contains("**less leaked**"),
+            "{row}"
+        );
+        assert!(
+            row.contains("not resolved"),
+            "accuracy within the CI: {row}"
+        );
+    }
 }
