@@ -53,6 +53,10 @@ pub struct AttackArgs {
     /// plus noise (the default assumes the attacker knows the data's mean image, a public prior).
     #[arg(long)]
     pub attack_init_noise: bool,
+    /// Passes of patch-owner refinement after optimisation attacks: swap the patches of one
+    /// position between two images of a batch where that lowers the attack's loss.
+    #[arg(long)]
+    pub attack_patch_swaps: Option<usize>,
     /// Attack at most this many updates per round (0 = all) [default: 0].
     #[arg(long)]
     pub attack_max_per_round: Option<usize>,
@@ -88,6 +92,7 @@ impl AttackArgs {
             prior_weight: self.attack_prior,
             unsigned: self.attack_unsigned,
             init_noise: self.attack_init_noise,
+            patch_swaps: self.attack_patch_swaps,
             save_updates: self.save_updates,
         })
     }

@@ -145,7 +145,12 @@ impl Adversary {
             self.probs = Some((version, probs));
         }
         let probs = self.probs.as_ref().map_or(&[][..], |(_, p)| p.as_slice());
-        let labels = recover_labels(&case, probs)?;
+        let counted = recover_labels(&case, probs)?;
+        // FedAvg clients of plain SGD: refit the counted labels by simulating the local steps.
+        let labels = match crate::fedavg::fit_labels(&case, &counted, self.mean_image.as_deref()) {
+            Err(crate::error::AttackError::NotApplicable(_)) => counted,
+            other => other?,
+        };
         let knowledge = Knowledge {
             labels: &labels,
             mean_image: self.mean_image.as_deref(),

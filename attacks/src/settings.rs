@@ -36,6 +36,9 @@ pub struct AdversarySettings {
     pub unsigned: bool,
     /// Start optimisation attacks from noise instead of the public mean image plus noise.
     pub init_noise: bool,
+    /// Passes of patch-owner refinement after optimisation attacks (`optimise::swap_patches`;
+    /// default per attack: none).
+    pub patch_swaps: Option<usize>,
     /// Also save each attacked update (safetensors) for `mjpfl attack --update`.
     pub save_updates: bool,
 }
@@ -56,6 +59,7 @@ impl Default for AdversarySettings {
             prior_weight: None,
             unsigned: false,
             init_noise: false,
+            patch_swaps: None,
             save_updates: false,
         }
     }
