@@ -69,6 +69,15 @@ for pe in "learned" "mjp --ratio 0.1" "mjp --ratio 0.25"; do
   run "fedavg-n8-b4-e2-$(tag "$pe")-8clients" "${fmnist[@]}" --count 64 --pe $pe \
     --fedavg-epochs 2 --client-size 8 --batch 4 --local-lr 0.05 --attacks fedavg-ig,mean-image
 done
+# ... and the frontier's DP and pruning points on the same 8 clients (learned PE).
+n8=("${fmnist[@]}" --count 64 --pe learned --fedavg-epochs 2 --client-size 8 --batch 4 --local-lr 0.05)
+run "fedavg-n8-b4-e2-learned-dp0.001-8clients" "${n8[@]}" --clip-norm 0.5 --noise-multiplier 0.001 \
+  --attacks fedavg-ig,mean-image
+run "fedavg-n8-b4-e2-learned-prune0.9-8clients" "${n8[@]}" --prune 0.9 --attacks fedavg-ig,mean-image
+# Patch-owner refinement (--attack-patch-swaps) on the first 4 of those clients.
+run "fedavg-n8-b4-e2-learned-swaps2-4clients" "${fmnist[@]}" --count 32 --pe learned \
+  --fedavg-epochs 2 --client-size 8 --batch 4 --local-lr 0.05 --attack-patch-swaps 2 \
+  --attacks fedavg-ig,mean-image
 
 # CIFAR-10 (the 20 real images) on vit-tiny-32, FedSGD batch 1: the closed forms.
 cifar=(--images folder:data/attack-targets/cifar10 --count 20 --preset vit-tiny-32)
