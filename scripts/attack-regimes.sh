@@ -94,6 +94,8 @@ run "fedavg-n8-b4-e2-learned-it1000-8clients" "${n8l[@]}" --attack-iterations 10
   --attacks fedavg-ig,mean-image
 run "fedavg-n8-b4-e2-learned-it1000-fuse4-2clients" "${learned[@]}" --count 16 --client-size 8 \
   --batch 4 --fedavg-epochs 2 --attack-iterations 1000 "${fuse[@]}" --attacks fedavg-ig,mean-image
+run "fedavg-n8-b4-e2-learned-it1000-fuse4-8clients" "${n8l[@]}" --attack-iterations 1000 "${fuse[@]}" \
+  --attacks fedavg-ig,mean-image
 # Patch-owner refinement (--attack-patch-swaps) on the first 4 of those clients.
 run "fedavg-n8-b4-e2-learned-swaps2-4clients" "${fmnist[@]}" --count 32 --pe learned \
   --fedavg-epochs 2 --client-size 8 --batch 4 --local-lr 0.05 --attack-patch-swaps 2 \
