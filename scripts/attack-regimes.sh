@@ -96,6 +96,10 @@ run "fedavg-n8-b4-e2-learned-it1000-fuse4-2clients" "${learned[@]}" --count 16 -
   --batch 4 --fedavg-epochs 2 --attack-iterations 1000 "${fuse[@]}" --attacks fedavg-ig,mean-image
 run "fedavg-n8-b4-e2-learned-it1000-fuse4-8clients" "${n8l[@]}" --attack-iterations 1000 "${fuse[@]}" \
   --attacks fedavg-ig,mean-image
+# Eight restarts fused on all 8 clients, and the pseudo-gradient attack on the same clients.
+run "fedavg-n8-b4-e2-learned-it1000-fuse8-8clients" "${n8l[@]}" --attack-iterations 1000 \
+  --attack-restarts 8 --attack-fuse-restarts --attacks fedavg-ig,mean-image
+run "fedavg-n8-b4-e2-learned-igpe-8clients" "${n8[@]}" --attacks ig-pe,mean-image
 # Patch-owner refinement (--attack-patch-swaps) on the first 4 of those clients.
 run "fedavg-n8-b4-e2-learned-swaps2-4clients" "${fmnist[@]}" --count 32 --pe learned \
   --fedavg-epochs 2 --client-size 8 --batch 4 --local-lr 0.05 --attack-patch-swaps 2 \
@@ -112,6 +116,9 @@ cifar_opt=("${cifar[@]}" --attack-tv 5e-2 --attack-iterations "${ITER_CIFAR:-100
 run "cifar-tiny32-b4-learned" "${cifar_opt[@]}" --pe learned --attacks ig-pe,mean-image
 run "cifar-tiny32-b4-mjp0.5" "${cifar_opt[@]}" --pe mjp --ratio 0.5 --attacks ig-pe,ig-pe-adaptive,mean-image
 run "cifar-tiny32-b4-none" "${cifar_opt[@]}" --pe none --attacks ig-pe,mean-image
+run "cifar-tiny32-b4-mjp0.1" "${cifar_opt[@]}" --pe mjp --ratio 0.1 --attacks ig-pe,ig-pe-adaptive,mean-image
+run "cifar-tiny32-b4-mjp0.25" "${cifar_opt[@]}" --pe mjp --ratio 0.25 --attacks ig-pe,ig-pe-adaptive,mean-image
+run "cifar-tiny32-b4-naive-shuffle" "${cifar_opt[@]}" --pe naive-shuffle --attacks ig-pe,mean-image
 run "cifar-tiny32-b1-none" "${cifar[@]}" --attack-tv 5e-2 --attack-iterations "${ITER_CIFAR:-100}" \
   --batch 1 --pe none --attacks ig-pe,mean-image
 

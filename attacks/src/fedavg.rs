@@ -404,6 +404,7 @@ pub fn fedavg_inversion(
             32,
             config.seed,
         )?;
+        tracing::debug!("fedavg-ig: labels placed as {:?}", unrolled.labels());
     }
     let mut optimised = descend(
         vit,
