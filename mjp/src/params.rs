@@ -303,7 +303,10 @@ impl NamedTensors {
     /// metadata so that loading gives back the same order.
     pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
         let (views, metadata) = self.safetensors_views(metadata)?;
-        safetensors::serialize(views, Some(metadata)).map_err(safetensors_error)
+        let mut bytes = safetensors::serialize(views, Some(metadata)).map_err(safetensors_error)?;
+        let n = header_len(&bytes).ok_or_else(|| header_error("shorter than its header"))?;
+        canonical_header(&mut bytes[8..8 + n])?;
+        Ok(bytes)
     }
 
     /// Views of the tensors' bytes (borrowed, no copy) and the metadata with the tensor order.
@@ -387,13 +390,31 @@ impl NamedTensors {
     pub fn save(&self, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
         // Streamed from the tensors to the file: saving costs no second copy of the model.
         let (views, metadata) = self.safetensors_views(metadata)?;
+        let failed = |reason: String| MjpError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
         crate::fsutil::replace_atomic(path, |tmp| {
-            safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| {
-                MjpError::Checkpoint {
-                    path: path.to_path_buf(),
-                    reason: format!("writing: {e}"),
-                }
-            })
+            safetensors::serialize_to_file(views, Some(metadata), tmp)
+                .map_err(|e| failed(format!("writing: {e}")))?;
+            // The header is rewritten in place with its keys sorted (same length).
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(tmp)
+                .map_err(|e| MjpError::io(tmp, e))?;
+            let mut head = [0u8; 8];
+            file.read_exact(&mut head)
+                .map_err(|e| MjpError::io(tmp, e))?;
+            let n = header_len(&head).ok_or_else(|| failed("no header written".into()))?;
+            let mut header = vec![0u8; n];
+            file.read_exact(&mut header)
+                .map_err(|e| MjpError::io(tmp, e))?;
+            canonical_header(&mut header)?;
+            file.seek(SeekFrom::Start(8))
+                .and_then(|_| file.write_all(&header))
+                .map_err(|e| MjpError::io(tmp, e))
         })
     }
 
@@ -405,6 +426,39 @@ impl NamedTensors {
             reason,
         })
     }
+}
+
+/// The header length a safetensors buffer starts with (the header itself may be cut off).
+fn header_len(bytes: &[u8]) -> Option<usize> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    usize::try_from(n).ok()
+}
+
+fn header_error(reason: &str) -> MjpError {
+    MjpError::Tensor {
+        name: "<safetensors header>".into(),
+        reason: reason.into(),
+    }
+}
+
+/// safetensors writes the metadata in the iteration order of a `HashMap`, which differs from
+/// one map to the next, so the same tensors and metadata gave different bytes (checkpoints and
+/// saved updates of one seed did not compare equal). This rewrites a header with the keys of
+/// every object sorted: the same content, so the same length and data offsets.
+fn canonical_header(header: &mut [u8]) -> Result<()> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| header_error(&e.to_string()))?;
+    value.sort_all_objects();
+    let sorted = serde_json::to_vec(&value).map_err(|e| header_error(&e.to_string()))?;
+    if sorted.len() > header.len() {
+        return Err(header_error(
+            "a sorted header came out longer than the original",
+        ));
+    }
+    let (text, pad) = header.split_at_mut(sorted.len());
+    text.copy_from_slice(&sorted);
+    pad.fill(b' ');
+    Ok(())
 }
 
 fn safetensors_error(e: safetensors::SafeTensorError) -> MjpError {
@@ -520,5 +574,51 @@ impl ModuleMapper for Loader<'_> {
         let tensor =
             Tensor::<D>::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &device);
         param.transform_for_load(tensor, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::{NamedTensor, NamedTensors};
+
+    #[test]
+    fn the_same_tensors_and_metadata_give_the_same_bytes() {
+        let tensors = NamedTensors {
+            tensors: vec![
+                NamedTensor {
+                    name: "b.weight".into(),
+                    shape: vec![2],
+                    data: vec![1.0, -2.0],
+                },
+                NamedTensor {
+                    name: "a.bias".into(),
+                    shape: vec![1],
+                    data: vec![0.5],
+                },
+            ],
+        };
+        // Two maps with the same entries, filled in opposite orders (each map has its own
+        // random iteration order, so without sorting the bytes differ almost always).
+        let keys: Vec<(String, String)> = (0..12)
+            .map(|i| (format!("key.{i}"), format!("value {i}")))
+            .collect();
+        let one: HashMap<_, _> = keys.iter().cloned().collect();
+        let other: HashMap<_, _> = keys.iter().rev().cloned().collect();
+        let (a, b) = (
+            tensors.to_safetensors(one.clone()).unwrap(),
+            tensors.to_safetensors(other).unwrap(),
+        );
+        assert_eq!(a, b);
+        // The file path writes the same bytes, and both read back as written.
+        let dir = std::env::temp_dir().join(format!("mjp-st-{}", std::process::id()));
+        let path = dir.join("t.safetensors");
+        tensors.save(&path, one.clone()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), a);
+        let (back, meta) = NamedTensors::from_safetensors(&a).unwrap();
+        assert_eq!(back.tensors, tensors.tensors);
+        assert_eq!(meta, one);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
