@@ -98,12 +98,16 @@ run "fedavg-n8-b4-e2-learned-it1000-fuse4-8clients" "${n8l[@]}" --attack-iterati
   --attacks fedavg-ig,mean-image
 # The pseudo-gradient attack on the same 8 clients; 1000 iterations and 4 restarts fused with
 # TV 2e-2 (the best TV of the screen on the first 4 of these clients,
-# attack-regimes/fedavg-n8-b4-e2-learned-screen-4clients.txt; clients 5-8 are held out); and
-# 8 restarts fused (stopped after the first client: about 600 s per update on 2 cores).
+# attack-regimes/fedavg-n8-b4-e2-learned-screen-4clients.txt; clients 5-8 are held out), for
+# fedavg-ig and for the pseudo-gradient attack with the same budget; and 8 restarts fused
+# (stopped after the first client: about 600 s per update on 2 cores).
 run "fedavg-n8-b4-e2-learned-igpe-8clients" "${n8[@]}" --attacks ig-pe,mean-image
 run "fedavg-n8-b4-e2-learned-it1000-fuse4-tv2e-2-8clients" --images fashion-mnist --split test \
   --preset vit-micro-28 --attack-tv 2e-2 --count 64 --pe learned --fedavg-epochs 2 --client-size 8 \
   --batch 4 --local-lr 0.05 --attack-iterations 1000 "${fuse[@]}" --attacks fedavg-ig,mean-image
+run "fedavg-n8-b4-e2-learned-igpe-it1000-fuse4-tv2e-2-8clients" --images fashion-mnist --split test \
+  --preset vit-micro-28 --attack-tv 2e-2 --count 64 --pe learned --fedavg-epochs 2 --client-size 8 \
+  --batch 4 --local-lr 0.05 --attack-iterations 1000 "${fuse[@]}" --attacks ig-pe,mean-image
 run "fedavg-n8-b4-e2-learned-it1000-fuse8-8clients" "${n8l[@]}" --attack-iterations 1000 \
   --attack-restarts 8 --attack-fuse-restarts --attacks fedavg-ig,mean-image
 # Patch-owner refinement (--attack-patch-swaps) on the first 4 of those clients.

@@ -68,9 +68,11 @@ pub fn expectation(r: &UpdateRecord, fedavg_skip: Option<&str>) -> Expectation {
                 "FedAvg deltas of {steps} local SGD steps of batch {b} over {n} examples (the \
                  cross-device regime): the FedAvg-aware attack (`fedavg-ig`) simulates the \
                  client's local training. Measured against a learned position embedding: 3.4 dB \
-                 above the mean image on clients of 4 examples in one batch, 1.6-2.0 dB on \
-                 clients of 8, 0.5 dB on clients of 50 (docs/results, 'Attacks per regime'; \
-                 `--attack-restarts 4 --attack-fuse-restarts` for the larger figures){}",
+                 above the mean image on clients of 4 examples in one batch, 3.75 dB on clients \
+                 of 8 in two batches (1.6-2.0 dB with 300 iterations and one descent), 0.5 dB \
+                 on clients of 50 (docs/results, 'Attacks per regime'; `--attack-iterations 1000 \
+                 --attack-restarts 4 --attack-fuse-restarts --attack-tv 2e-2` for the larger \
+                 figures){}",
                 if n <= SMALL_CLIENT {
                     "."
                 } else {
