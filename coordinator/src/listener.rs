@@ -73,11 +73,15 @@ pub fn incoming(listener: TcpListener, limits: Limits) -> ReceiverStream<io::Res
     ReceiverStream::new(rx)
 }
 
-/// An accepted connection: its slot under the cap, and an idle timer reset by every byte read.
+/// An accepted connection: its slot under the cap, and an idle timer. Reads only note the time
+/// of the last byte; the timer is moved on when it fires (resetting a tokio timer on every read,
+/// a few per 16 KiB frame, took the timer driver's lock each time).
 pub struct Connection {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
     idle: Duration,
+    /// When the last byte arrived (`None` before the first).
+    last_read: Option<Instant>,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -87,7 +91,8 @@ impl Connection {
             stream,
             _slot: slot,
             idle: limits.idle,
-            // Until the first byte; every byte read then moves it to `idle` from now.
+            last_read: None,
+            // Until the first byte; after that `idle` from the last one.
             timer: Box::pin(tokio::time::sleep(limits.first_byte.min(limits.idle))),
         }
     }
@@ -103,17 +108,24 @@ impl AsyncRead for Connection {
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 if buf.filled().len() > before {
-                    let next = Instant::now() + self.idle;
-                    self.timer.as_mut().reset(next);
+                    self.last_read = Some(Instant::now());
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection idle: closed",
-                ))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                if self.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // The timer fired: the connection is idle unless a byte came since it was set.
+                match self.last_read.map(|t| t + self.idle) {
+                    Some(due) if due > Instant::now() => self.timer.as_mut().reset(due),
+                    _ => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "connection idle: closed",
+                        )));
+                    }
+                }
             },
         }
     }

@@ -74,6 +74,10 @@ impl FederationService {
         );
         while let Some(chunk) = next {
             assembler.push(&chunk)?;
+            // Let go of the chunk before reading the next: its payload is a slice of tonic's
+            // receive buffer, which tonic reuses for the next message only once no slice of it
+            // is left (else every 1 MiB message is a fresh allocation, faulted in page by page).
+            drop(chunk);
             next = next_chunk(&mut stream, idle).await?;
         }
         let tensors = assembler.finish()?;

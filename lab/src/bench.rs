@@ -29,7 +29,8 @@ use crate::stats::mean_std;
 pub struct TrainStepBench {
     /// Architecture preset.
     pub preset: String,
-    /// Position-embedding mode of our model (the reference is a learned-PE ViT).
+    /// Position-embedding mode of our model (the reference takes MJP's step for `mjp`, a
+    /// learned-PE ViT's for every other mode).
     pub pe: PeMode,
     /// Batch size.
     pub batch: usize,
@@ -156,10 +157,10 @@ pub fn train_step(args: &TrainStepBench) -> Result<()> {
             mjp::DeviceSpec::TchCuda(n) => format!("cuda:{n}"),
             _ => "cpu".into(),
         });
-    match reference(args, &reference_device) {
-        Ok(ms) => {
+    match reference(args, &objective, &reference_device) {
+        Ok((ms, pe)) => {
             println!(
-                "torch  {} batch={} device={reference_device}: {ms:.1} ms/step",
+                "torch  {} pe={pe} batch={} device={reference_device}: {ms:.1} ms/step",
                 args.preset, args.batch
             );
             println!("ratio mjpfl/torch = {:.2}x", mean / ms);
@@ -169,7 +170,23 @@ pub fn train_step(args: &TrainStepBench) -> Result<()> {
     Ok(())
 }
 
-fn reference(args: &TrainStepBench, device: &str) -> Result<f64> {
+/// The reference's step: MJP's (shuffle, unk rows, DAL loss at the objective's ratio and weight)
+/// for an MJP model, a learned-PE ViT's for every other mode. Returns the milliseconds and the
+/// reference's PE mode.
+fn reference(
+    args: &TrainStepBench,
+    objective: &ObjectiveConfig,
+    device: &str,
+) -> Result<(f64, &'static str)> {
+    let pe = if args.pe == PeMode::Mjp {
+        "mjp"
+    } else {
+        "learned"
+    };
+    let dal_weight = match objective.dal_lambda {
+        mjp::LambdaSchedule::Constant { value } => value,
+        _ => bail!("the reference takes a constant DAL weight"),
+    };
     let out = run_reference(
         &args.python,
         "reference_train_step.py",
@@ -184,11 +201,18 @@ fn reference(args: &TrainStepBench, device: &str) -> Result<f64> {
             &args.warmup.to_string(),
             "--device",
             device,
+            "--pe",
+            pe,
+            "--ratio",
+            &objective.jigsaw.ratio.to_string(),
+            "--dal-weight",
+            &dal_weight.to_string(),
         ],
     )?;
-    out["ms_per_step"]
+    let ms = out["ms_per_step"]
         .as_f64()
-        .context("reference output lacks ms_per_step")
+        .context("reference output lacks ms_per_step")?;
+    Ok((ms, pe))
 }
 
 /// `bench parity`: the gradient of the cross-entropy of a fresh learned-PE model on a random
