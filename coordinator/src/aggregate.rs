@@ -63,9 +63,7 @@ impl Aggregator {
             AggregatorKind::Mean => {
                 let w = (weight * scale) as f32;
                 for (acc, t) in self.sum.iter_mut().zip(update.tensors()) {
-                    for (a, v) in acc.iter_mut().zip(&t.data) {
-                        *a += w * v;
-                    }
+                    mjpfl_kernels::cpu::scaled_add(acc, &t.data, w);
                 }
             }
             // Robust aggregators need every update at once (O(clients x model) by nature).

@@ -825,6 +825,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fold_and_value_stats_match_scalar_loops_bit_for_bit() {
+        // Odd lengths, so the tails are exercised; values of every magnitude.
+        let v: Vec<f32> = (0..1003)
+            .map(|i| ((i as f32) * 0.37).sin() * 10f32.powi(i % 9 - 4))
+            .collect();
+        let mut acc: Vec<f32> = v.iter().map(|x| x * 0.5 + 1.0).collect();
+        let mut expected = acc.clone();
+        for (a, x) in expected.iter_mut().zip(&v) {
+            *a += 0.3 * *x;
+        }
+        scaled_add(&mut acc, &v, 0.3);
+        assert!(
+            acc.iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+
+        let (mut sq, mut max) = ([0f64; 8], [0u32; 8]);
+        squares_and_max_bits(&v, &mut sq, &mut max);
+        let (mut esq, mut emax) = ([0f64; 8], [0u32; 8]);
+        for (i, &x) in v.iter().enumerate() {
+            let lane = if i < v.len() / 8 * 8 { i % 8 } else { 0 };
+            esq[lane] += f64::from(x) * f64::from(x);
+            emax[lane] = emax[lane].max(x.to_bits() & 0x7fff_ffff);
+        }
+        assert_eq!(sq.map(f64::to_bits), esq.map(f64::to_bits));
+        assert_eq!(max, emax);
+        // A NaN anywhere is the largest magnitude (non-finite).
+        let mut bad = v.clone();
+        bad[517] = f32::NAN;
+        let (mut sq, mut max) = ([0f64; 8], [0u32; 8]);
+        squares_and_max_bits(&bad, &mut sq, &mut max);
+        assert!(max.into_iter().max().unwrap() > f32::INFINITY.to_bits());
+    }
+
+    #[test]
     fn exp_matches_std() {
         let mut worst = 0.0f32;
         for i in -8000..8000 {
@@ -847,6 +883,37 @@ mod tests {
         ] {
             let got = normal_cdf_pdf(x).0 as f64;
             assert!((got - phi).abs() < 2e-7, "Phi({x}) = {got}, expected {phi}");
+        }
+    }
+}
+
+multiversion! {
+    /// `acc[i] += w * v[i]`: a multiply then an add (no FMA), so the same bits on every CPU.
+    /// The coordinator's FedAvg fold.
+    pub fn scaled_add(acc: &mut [f32], v: &[f32], w: f32) {
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += w * *x;
+        }
+    }
+}
+
+multiversion! {
+    /// Adds `data`'s squares (in f64) to eight lanes and keeps each lane's largest magnitude as
+    /// bits (`|v|`'s bits order like `|v|`; NaN and infinity are the largest), value `i` of
+    /// every eight to lane `i`, the tail to lane 0: the same result on every CPU.
+    pub fn squares_and_max_bits(data: &[f32], sq: &mut [f64; 8], max: &mut [u32; 8]) {
+        let lanes = data.chunks_exact(8);
+        let tail = lanes.remainder();
+        for c in lanes {
+            for i in 0..8 {
+                let v = f64::from(c[i]);
+                sq[i] += v * v;
+                max[i] = max[i].max(c[i].to_bits() & 0x7fff_ffff);
+            }
+        }
+        for &v in tail {
+            sq[0] += f64::from(v) * f64::from(v);
+            max[0] = max[0].max(v.to_bits() & 0x7fff_ffff);
         }
     }
 }

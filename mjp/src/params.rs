@@ -180,24 +180,12 @@ impl NamedTensors {
     /// The sum of squares and the largest magnitude of every value, in one vectorised pass (8
     /// lanes, the same result on every run). A NaN or infinity makes the sum non-finite.
     pub fn value_stats(&self) -> ValueStats {
-        const L: usize = 8;
         // Magnitudes compared as bits (|v| as u32 orders like |v|, and NaN/inf are the largest):
-        // integer max vectorises where float max with NaN semantics does not.
-        let (mut sq, mut max) = ([0f64; L], [0u32; L]);
+        // integer max vectorises where float max with NaN semantics does not. AVX2 where the
+        // CPU has it (the same lanes, so the same sums).
+        let (mut sq, mut max) = ([0f64; 8], [0u32; 8]);
         for t in &self.tensors {
-            let lanes = t.data.chunks_exact(L);
-            let tail = lanes.remainder();
-            for c in lanes {
-                for i in 0..L {
-                    let v = f64::from(c[i]);
-                    sq[i] += v * v;
-                    max[i] = max[i].max(c[i].to_bits() & 0x7fff_ffff);
-                }
-            }
-            for &v in tail {
-                sq[0] += f64::from(v) * f64::from(v);
-                max[0] = max[0].max(v.to_bits() & 0x7fff_ffff);
-            }
+            mjpfl_kernels::cpu::squares_and_max_bits(&t.data, &mut sq, &mut max);
         }
         let max = max.into_iter().max().unwrap_or(0);
         ValueStats {
