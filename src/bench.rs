@@ -70,7 +70,7 @@ pub struct TrainStepArgs {
     /// Architecture preset.
     #[arg(long, default_value = "vit-tiny-32")]
     preset: String,
-    /// Position-embedding mode of our model (the reference is a learned-PE ViT).
+    /// Position-embedding mode of our model (the reference takes MJP's step for mjp: shuffle, unk rows, DAL loss; a learned-PE step otherwise).
     #[arg(long, default_value = "learned")]
     pe: PeMode,
     /// Batch size.
