@@ -142,29 +142,30 @@ fn main() {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_purge_delay_option_index_is_right() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-            return;
-        }
+    /// mimalloc's default for option `index`, unless the environment overrides it.
+    fn default_of(index: libmimalloc_sys::mi_option_t, env: &str) -> Option<std::ffi::c_long> {
         // SAFETY: reads a mimalloc option.
-        let default = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY) };
-        // v3's options.c: purge delay 1000 ms by default (its header still says 10).
-        assert_eq!(default, 1000, "option 15 is not mimalloc's purge delay");
+        (std::env::var_os(env).is_none()).then(|| unsafe { libmimalloc_sys::mi_option_get(index) })
     }
 
     #[test]
-    fn the_allow_thp_option_index_is_right() {
-        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
-            return;
+    fn the_mimalloc_option_indices_are_right() {
+        // v3's options.c: purge delay 1000 ms by default (its header still says 10).
+        if let Some(d) = default_of(super::MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY") {
+            assert_eq!(d, 1000, "option 15 is not mimalloc's purge delay");
         }
-        // SAFETY: reads a mimalloc option.
-        let default = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_ALLOW_THP) };
-        assert_eq!(default, 1, "option 43 is not mimalloc's allow_thp");
-        // Its neighbour, the minimal purge size, defaults to 0: a wrong index would likely land
-        // on an option whose default is neither.
-        // SAFETY: reads a mimalloc option.
-        let next = unsafe { libmimalloc_sys::mi_option_get(super::MI_OPTION_ALLOW_THP + 1) };
-        assert_eq!(next, 0);
+        // allow_thp defaults to 1 and its neighbour, the minimal purge size, to 0: a wrong index
+        // would likely land on an option whose defaults are not these.
+        if let Some(d) = default_of(super::MI_OPTION_ALLOW_THP, "MIMALLOC_ALLOW_THP") {
+            assert_eq!(d, 1, "option 43 is not mimalloc's allow_thp");
+            let next = default_of(
+                super::MI_OPTION_ALLOW_THP + 1,
+                "MIMALLOC_MINIMAL_PURGE_SIZE",
+            );
+            assert!(
+                next.is_none_or(|n| n == 0),
+                "option 44 is not the minimal purge size"
+            );
+        }
     }
 }
