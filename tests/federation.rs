@@ -97,30 +97,47 @@ async fn a_simulated_federation_trains_is_attacked_and_reported() {
     assert!(report.contains("| mean-image | 9 |"), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_killed_mid_round_does_not_stall_past_the_deadline() {
+/// A one-round federation of three clients with `min_fit` 2: two honest clients and a raw one
+/// that `misbehave` handles once all three have joined. Returns the round records and how long
+/// the federation ran after `misbehave` returned.
+async fn two_honest_clients_and<F>(
+    configure: impl FnOnce(&mut mjpfl_coordinator::CoordinatorConfig),
+    misbehave: impl FnOnce(RawClient) -> F,
+) -> (Vec<rundir::RoundRecord>, Duration)
+where
+    F: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().unwrap();
     let mut config = small_config(3, 1);
     config.federation.min_fit = 2;
-    config.federation.round_deadline_secs = 4.0;
+    configure(&mut config);
     let coordinator = Coordinator::start(config, dir.path()).await.unwrap();
     let endpoint = format!("http://{}", coordinator.addr);
-    // The doomed client joins, receives its task, and dies without answering.
-    let mut doomed = RawClient::join(&endpoint, "mjpfl").await.unwrap();
+    let raw = RawClient::join(&endpoint, "mjpfl").await.unwrap();
     let (_stop, rx) = watch::channel(false);
     let clients: Vec<_> = (1..3)
         .map(|i| tokio::spawn(mjpfl_client::run(client_config(&endpoint, i), rx.clone())))
         .collect();
-    let task = doomed.train_task().await;
-    let opened = Instant::now();
-    drop(doomed);
-    assert_eq!(task.round, 1);
+    misbehave(raw).await;
+    let started = Instant::now();
     coordinator.run_to_completion().await.unwrap();
-    let waited = opened.elapsed();
+    let waited = started.elapsed();
     for c in clients {
         c.await.unwrap().unwrap();
     }
-    let rounds = rundir::read_rounds(dir.path()).unwrap();
+    (rundir::read_rounds(dir.path()).unwrap(), waited)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_round_does_not_stall_past_the_deadline() {
+    // The doomed client receives its task and dies without answering.
+    let (rounds, waited) = two_honest_clients_and(
+        |c| c.federation.round_deadline_secs = 4.0,
+        |mut doomed| async move {
+            assert_eq!(doomed.train_task().await.round, 1);
+        },
+    )
+    .await;
     assert_eq!(rounds.len(), 1);
     assert_eq!(rounds[0].aggregated.len(), 2);
     assert_eq!(rounds[0].closed_by, "deadline");
@@ -128,6 +145,26 @@ async fn a_client_killed_mid_round_does_not_stall_past_the_deadline() {
         waited < Duration::from_secs(4 + 10),
         "round took {waited:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_client_that_never_asks_for_its_task_does_not_hold_the_round_to_its_deadline() {
+    // A re-joined client's old identity: joined, counted as connected, sampled, never heard
+    // from again. The round closes once the clients that took their tasks have submitted and
+    // `client_timeout_secs` have passed since it opened, not at the 300 s deadline.
+    let (rounds, waited) = two_honest_clients_and(
+        |c| {
+            c.federation.round_deadline_secs = 300.0;
+            c.federation.client_timeout_secs = 3.0;
+        },
+        |_absent| async {},
+    )
+    .await;
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(rounds[0].sampled.len(), 3, "the absent client was sampled");
+    assert_eq!(rounds[0].aggregated.len(), 2);
+    assert_eq!(rounds[0].closed_by, "absent-clients");
+    assert!(waited < Duration::from_secs(60), "round took {waited:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,6 +102,8 @@ struct OpenRound {
     version: u64,
     ratio: f64,
     sampled: BTreeSet<String>,
+    /// Sampled clients that have been handed their `Train` task.
+    started: BTreeSet<String>,
     submitted: BTreeSet<String>,
     aggregator: Aggregator,
     /// The L2 bound of this round's updates (from the global model they start from).

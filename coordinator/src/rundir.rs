@@ -48,7 +48,8 @@ pub struct RoundRecord {
     /// when the round's aggregate is independent of arrival order, or the fold is on arrival).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub folded_out_of_order: u32,
-    /// Why it closed: "all-submitted" or "deadline".
+    /// Why it closed: "all-submitted", "absent-clients" (every client that took its task
+    /// submitted; the others never asked for theirs within `client_timeout_secs`) or "deadline".
     pub closed_by: String,
     /// Mean client-reported metrics.
     pub client_metrics: std::collections::BTreeMap<String, f64>,

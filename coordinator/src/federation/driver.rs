@@ -47,29 +47,43 @@ impl Federation {
                 }
             }
             self.open_round(round, attempt);
-            // Wait for every sampled client, or the deadline.
-            let deadline = self
+            // Wait for every sampled client, or the deadline. A sampled client that has not
+            // asked for its task within `client_timeout_secs` of the opening (a polling client
+            // asks within seconds) is absent, a re-joined client's old identity for one: once
+            // every client that did take its task has submitted, the round closes without it
+            // instead of waiting for the deadline. A client that took its task and went silent
+            // cannot be told from a slow one, so it is waited for until the deadline.
+            let (deadline, pickup) = self
                 .lock()
                 .round
                 .as_ref()
-                .map(|r| r.deadline)
+                .map(|r| {
+                    let pickup = r.opened + Duration::from_secs_f64(f.client_timeout_secs);
+                    (r.deadline, pickup.min(r.deadline))
+                })
                 .expect("round just opened");
             let mut changes = self.watch_submissions();
             let closed_by = loop {
-                let done = self
-                    .lock()
-                    .round
-                    .as_ref()
-                    .is_some_and(|r| r.submitted.len() == r.sampled.len());
-                if done {
+                let (all, started_all) = self.lock().round.as_ref().map_or((false, false), |r| {
+                    (
+                        r.submitted.len() == r.sampled.len(),
+                        r.started.is_subset(&r.submitted),
+                    )
+                });
+                if all {
                     break "all-submitted";
                 }
-                if Instant::now() >= deadline {
+                let now = Instant::now();
+                if now >= deadline {
                     break "deadline";
                 }
+                if now >= pickup && started_all {
+                    break "absent-clients";
+                }
+                let wake = if now < pickup { pickup } else { deadline };
                 tokio::select! {
                     _ = changes.changed() => {}
-                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = tokio::time::sleep_until(wake.into()) => {}
                     _ = shutdown.changed() => {
                         self.lock().round = None;
                         tracing::info!("shutdown: round {round} abandoned (it reruns on restart)");
@@ -168,6 +182,7 @@ impl Federation {
             version: u64::from(s.completed),
             ratio,
             sampled,
+            started: BTreeSet::new(),
             submitted: BTreeSet::new(),
             aggregator: Aggregator::new(self.config.training.aggregator, &self.manifest),
             norm_bound: self.admission.norm_bound(&s.global),

@@ -165,9 +165,13 @@ impl Federation {
                 rounds: s.completed,
             };
         }
-        match &s.round {
+        let s = &mut *s;
+        match &mut s.round {
             Some(r) if r.sampled.contains(id) && !r.submitted.contains(id) => {
                 let partition = s.clients.get(id).map_or(0, |c| c.partition);
+                if !r.started.contains(id) {
+                    r.started.insert(id.to_string());
+                }
                 TaskDecision::Train {
                     round: r.round,
                     model_version: r.version,
@@ -186,7 +190,7 @@ impl Federation {
             Some(r) => TaskDecision::Wait(format!("not sampled in round {}", r.round)),
             None => TaskDecision::Wait(format!(
                 "waiting for clients ({} connected, {} needed)",
-                self.connected_recently(&mut s),
+                self.connected_recently(s),
                 self.config.federation.min_clients
             )),
         }
